@@ -1,0 +1,36 @@
+"""What every benchmark records next to its numbers: the machine, the library versions, and the command."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import torch
+
+
+RESULTS = Path(__file__).parent / "results"
+LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "sentence-transformers", "tki-trainer")
+
+
+def environment() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    return {
+        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "python": sys.version.split()[0],
+        "versions": {name: version(name) for name in LIBRARIES},
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+    }
+
+
+def write_results(name: str, payload: dict, table: str) -> None:
+    """``results/<name>.json`` (every number, with the environment) and ``results/<name>.md`` (the short table)."""
+    RESULTS.mkdir(exist_ok=True)
+    payload = {**payload, "environment": environment()}
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    env = payload["environment"]
+    versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
+    (RESULTS / f"{name}.md").write_text(f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n")
