@@ -30,7 +30,8 @@ def write_results(name: str, payload: dict, table: str) -> None:
     """``results/<name>.json`` (every number, with the environment) and ``results/<name>.md`` (the short table)."""
     RESULTS.mkdir(exist_ok=True)
     payload = {**payload, "environment": environment()}
-    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    as_json = json.dumps(payload, indent=2, default=lambda value: sorted(value) if isinstance(value, set) else str(value))
+    (RESULTS / f"{name}.json").write_text(as_json + "\n")
     env = payload["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
     (RESULTS / f"{name}.md").write_text(f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n")

@@ -94,8 +94,9 @@ class TKILayer(BaseTunerLayer):
         rows, k = indices.shape
         rank = bank_a.shape[1]
         tokens = x.reshape(rows, -1, self.in_features)
-        a = bank_a[indices].reshape(rows, k * rank, self.in_features)
-        b = bank_b[indices].reshape(rows, k * rank, self.out_features)
+        flat = indices.flatten()
+        a = bank_a.index_select(0, flat).reshape(rows, k * rank, self.in_features)
+        b = bank_b.index_select(0, flat).reshape(rows, k * rank, self.out_features)
         hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(tokens.dtype)
         return torch.bmm(hidden, b)
 
