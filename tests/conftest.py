@@ -10,12 +10,13 @@ from tki_trainer import LatentLoraConfig
 
 
 KEY_DIM = 16
+VOCAB_SIZE = 300
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=128,
+        vocab_size=VOCAB_SIZE,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -49,3 +50,28 @@ def trained_like(model: torch.nn.Module, seed: int = 1) -> torch.nn.Module:
 @pytest.fixture
 def queries() -> torch.Tensor:
     return torch.randn(3, KEY_DIM, generator=torch.Generator().manual_seed(7))
+
+
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
+
+
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer of 300 tokens trained on a few sentences, with a chat template; its merges
+    join tokens across a prompt/completion boundary (``"... is"`` + ``"land"``), as real tokenizers do."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["The island is an island of land.", "Paris is the capital of France.", "Answer: yes or no."] * 20
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(corpus, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="<pad>", bos_token="<s>", eos_token="</s>", chat_template=CHAT_TEMPLATE
+    )

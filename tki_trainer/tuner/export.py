@@ -35,7 +35,7 @@ def export_lora(
             "torch.tensor(row['query_embedding'])."
         )
     config = tuner.peft_config[adapter_name]
-    indices, weights = tuner._router.retrieve(adapter_name, query_embedding.unsqueeze(0), None)
+    indices, weights = tuner.router.retrieve(adapter_name, query_embedding.unsqueeze(0), None)
     indices, weights = indices[0], weights[0]
 
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}

@@ -34,7 +34,7 @@ class TKIModel(BaseTuner):
 
     def _pre_injection_hook(self, model: nn.Module, config: LatentLoraConfig, adapter_name: str) -> None:
         self.tki_keys = BufferDict({}, persistent=True)
-        self._router = Router(self.tki_keys, self.peft_config, lambda: self.active_adapters)
+        self.router = Router(self.tki_keys, self.peft_config)
         self._layers_enabled = True
 
     def _check_new_adapter_config(self, config: LatentLoraConfig) -> None:
@@ -84,7 +84,7 @@ class TKIModel(BaseTuner):
                 f"TKI adapts torch.nn.Linear layers only; {current_key!r} is a {type(target).__name__}: "
                 "remove it from target_modules / latent_target_modules."
             )
-        new_module = Linear(target, adapter_name, self._router, **update_kwargs)
+        new_module = Linear(target, adapter_name, self.router, **update_kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
@@ -103,10 +103,10 @@ class TKIModel(BaseTuner):
     def _set_call_routing(self, query_embeddings: torch.Tensor | None, group_ids: torch.Tensor | None, inputs: Any) -> None:
         """Route this call (or clear the previous call's routing) and refuse, before any model work, a call the
         bank cannot route."""
-        self._router.set_call(query_embeddings, group_ids)
+        self.router.set_call(query_embeddings, group_ids, self.active_adapters)
         if not self._bank_is_active():
             return
-        routing = self._router.require()
+        routing = self.router.require()
         if isinstance(inputs, torch.Tensor) and inputs.shape[0] != routing.batch_size:
             raise ValueError(
                 f"The model received {inputs.shape[0]} examples but was routed with {routing.batch_size} query "
@@ -153,7 +153,8 @@ def route(model: nn.Module, query_embeddings: torch.Tensor, group_ids: torch.Ten
     checkpointing recomputes the layers. Rows repeated by ``generate`` (beams, ``num_return_sequences``) follow
     their example.
     """
-    with find_tuner(model)._router.use(query_embeddings, group_ids):
+    tuner = find_tuner(model)
+    with tuner.router.use(query_embeddings, group_ids, tuner.active_adapters):
         yield
 
 

@@ -8,7 +8,7 @@ which re-runs the layers during backward, routes exactly as the forward did.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 
 import torch
@@ -56,20 +56,17 @@ class Router:
     and routing set by the `tki_trainer.route` context (kept until the block ends).
     """
 
-    def __init__(
-        self,
-        keys: Mapping[str, torch.Tensor],
-        configs: Mapping[str, LatentLoraConfig],
-        active_adapters: Callable[[], list[str]],
-    ) -> None:
+    def __init__(self, keys: Mapping[str, torch.Tensor], configs: Mapping[str, LatentLoraConfig]) -> None:
         self._keys = keys
         self._configs = configs
-        self._active_adapters = active_adapters
         self._context: list[Routing] = []
         self._call: Routing | None = None
 
-    def resolve(self, query_embeddings: torch.Tensor, group_ids: torch.Tensor | None = None) -> Routing:
-        """Validate the queries and retrieve the active adapters' latent tasks, before any model work."""
+    def resolve(
+        self, query_embeddings: torch.Tensor, group_ids: torch.Tensor | None, adapter_names: list[str]
+    ) -> Routing:
+        """Validate the queries and retrieve the given (active) adapters' latent tasks, before any model work;
+        other adapters retrieve on first use."""
         if not isinstance(query_embeddings, torch.Tensor) or query_embeddings.ndim != 2 or not query_embeddings.is_floating_point():
             raise ValueError(
                 "query_embeddings must be a float tensor of shape [batch, key_dim], one sentence-encoder embedding per "
@@ -84,7 +81,7 @@ class Router:
                     f"{group_ids.dtype} {tuple(group_ids.shape)}."
                 )
         routing = Routing(self, query_embeddings, group_ids)
-        for adapter_name in self._active_adapters():
+        for adapter_name in adapter_names:
             if adapter_name in self._keys:
                 routing.selection(adapter_name, batch_size)
         return routing
@@ -126,15 +123,19 @@ class Router:
             return self._call
         return self._context[-1] if self._context else None
 
-    def set_call(self, query_embeddings: torch.Tensor | None, group_ids: torch.Tensor | None) -> None:
+    def set_call(
+        self, query_embeddings: torch.Tensor | None, group_ids: torch.Tensor | None, adapter_names: list[str]
+    ) -> None:
         """Routing of a model call that received the keywords; a call without them clears it."""
         if query_embeddings is None and group_ids is not None:
             raise ValueError("group_ids were given without query_embeddings: pass both, or only query_embeddings.")
-        self._call = None if query_embeddings is None else self.resolve(query_embeddings, group_ids)
+        self._call = None if query_embeddings is None else self.resolve(query_embeddings, group_ids, adapter_names)
 
     @contextmanager
-    def use(self, query_embeddings: torch.Tensor, group_ids: torch.Tensor | None = None) -> Iterator[None]:
-        self._context.append(self.resolve(query_embeddings, group_ids))
+    def use(
+        self, query_embeddings: torch.Tensor, group_ids: torch.Tensor | None, adapter_names: list[str]
+    ) -> Iterator[None]:
+        self._context.append(self.resolve(query_embeddings, group_ids, adapter_names))
         try:
             yield
         finally:

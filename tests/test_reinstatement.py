@@ -1,0 +1,150 @@
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from trl import SFTConfig, SFTTrainer
+
+from tki_trainer.reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs, optimize_prior_inputs
+from tki_trainer.reinstatement.fingerprint import prompt_hash
+from tki_trainer.reinstatement.stage1 import wasserstein
+from tki_trainer.reinstatement.store import FORMAT_VERSION
+from tki_trainer.data import tokenize_row
+
+from conftest import tiny_llama, tiny_tokenizer
+
+
+ROWS = [
+    ("a", "The island is", " an island of land."),
+    ("b", "Paris is the capital of", " France."),
+    ("c", "Answer: yes or no.", " yes"),
+    ("d", "The capital of France is", " Paris."),
+    ("e", "Is land an island?", " no"),
+]
+FAST = PriorInputConfig(steps=8, learning_rate=5e-3, wasserstein_weight=1.0, batch_size=2)
+
+
+def dataset():
+    return Dataset.from_list([{"id": i, "prompt": p, "completion": c} for i, p, c in ROWS])
+
+
+def collated_batch(tokenizer):
+    rows = [tokenize_row(tokenizer, p, c) for _, p, c in ROWS]
+    width = max(len(r.input_ids) for r in rows)
+    input_ids = torch.full((len(rows), width), tokenizer.pad_token_id)
+    attention_mask = torch.zeros_like(input_ids)
+    labels = torch.full_like(input_ids, -100)
+    for i, row in enumerate(rows):
+        n = len(row.input_ids)
+        input_ids[i, :n] = torch.tensor(row.input_ids)
+        attention_mask[i, :n] = 1
+        labels[i, row.prompt_length : n] = input_ids[i, row.prompt_length : n]
+    return input_ids, attention_mask, labels, torch.tensor([r.prompt_length for r in rows])
+
+
+def test_stage1_lowers_every_examples_cross_entropy():
+    result = optimize_prior_inputs(tiny_llama(), *collated_batch(tiny_tokenizer()), FAST)
+    assert (result.ce_final < result.ce_initial).all()
+    assert (result.relative_change > 0).all()
+
+
+def test_the_paper_setting_barely_moves_the_prompt():
+    result = optimize_prior_inputs(tiny_llama(), *collated_batch(tiny_tokenizer()), PriorInputConfig.paper())
+    assert result.relative_change.max() < 1e-3
+
+
+def mean_wasserstein(result, lengths):
+    return sum(
+        float(wasserstein(result.embeddings[i, :n], result.initial[i, :n], "emd", 0.0)) for i, n in enumerate(lengths.tolist())
+    ) / len(lengths)
+
+
+def test_a_larger_wasserstein_weight_keeps_q_closer_to_e():
+    model, batch = tiny_llama(), collated_batch(tiny_tokenizer())
+    distances = [
+        mean_wasserstein(optimize_prior_inputs(model, *batch, PriorInputConfig(steps=8, learning_rate=5e-3, wasserstein_weight=lam)), batch[3])
+        for lam in (0.0, 30.0, 300.0)
+    ]
+    assert distances[0] > distances[1] > distances[2] > 0
+
+
+@pytest.mark.parametrize("method", ["emd", "sinkhorn"])
+def test_wasserstein_gradient_is_finite_at_q_equal_e(method):
+    e = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    q = e.clone().requires_grad_(True)
+    wasserstein(q, e, method, 0.05).backward()
+    assert torch.isfinite(q.grad).all()
+    assert q.grad.abs().max() < 1e-6
+
+
+def test_store_round_trip_equals_the_optimised_embeddings(tmp_path):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    one_batch = PriorInputConfig(**{**FAST.to_dict(), "batch_size": 5})
+    store = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=one_batch)
+    assert sorted(store.examples) == ["a", "b", "c", "d", "e"]
+    direct = optimize_prior_inputs(model, *collated_batch(tokenizer), one_batch)
+    for i, (example_id, prompt, completion) in enumerate(ROWS):
+        row = tokenize_row(tokenizer, prompt, completion)
+        e = model.get_input_embeddings()(torch.tensor(row.prompt_ids)).detach()
+        loaded = store.load(example_id, e)
+        expected = direct.embeddings[i, : row.prompt_length]
+        torch.testing.assert_close(loaded, expected, atol=2e-3 * expected.abs().max().item(), rtol=0)
+        assert store.examples[example_id].prompt_hash == prompt_hash(row.prompt_ids)
+    summary = store.summary()
+    assert summary["examples"] == 5 and summary["ce_final"] < summary["ce_initial"]
+    assert json.loads((tmp_path / "store" / "store.json").read_text())["format"] == FORMAT_VERSION
+    assert {p.suffix for p in (tmp_path / "store").iterdir()} == {".json", ".safetensors"}
+
+
+def test_an_interrupted_stage_resumes_to_the_same_result(tmp_path, monkeypatch):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    original_write = PriorInputStore.write_shard
+    written = []
+
+    def write_then_fail(self, name, tensors, entries):
+        if written:
+            raise KeyboardInterrupt
+        written.append(name)
+        original_write(self, name, tensors, entries)
+
+    monkeypatch.setattr(PriorInputStore, "write_shard", write_then_fail)
+    with pytest.raises(KeyboardInterrupt):
+        compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "resumed", config=FAST)
+    assert len(PriorInputStore(tmp_path / "resumed").examples) == 2
+    monkeypatch.setattr(PriorInputStore, "write_shard", original_write)
+    resumed = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "resumed", config=FAST)
+    straight = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "straight", config=FAST)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["resumed", "straight"]
+    assert len(list((tmp_path / "resumed").glob("shard-*"))) == 3
+    for example_id, *_ in ROWS:
+        e = torch.zeros(1)
+        assert torch.equal(resumed.load(example_id, e), straight.load(example_id, e))
+    with pytest.raises(ValueError, match="different settings"):
+        compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "resumed", config=PriorInputConfig(steps=2))
+
+
+def prompt_hashes(tokenizer, rows=ROWS):
+    return {i: prompt_hash(tokenize_row(tokenizer, p, c).prompt_ids) for i, p, c in rows}
+
+
+def test_compatibility_check_accepts_trls_config_edits_and_refuses_other_models(tmp_path):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    store = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=PriorInputConfig(steps=1))
+
+    args = SFTConfig(output_dir=str(tmp_path / "sft"), bf16=False, use_cpu=True, report_to="none", dataset_num_proc=None)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer)
+    trainer.model.config.use_cache = not trainer.model.config.use_cache
+    trainer.model.config.pad_token_id = 1
+    store.check(trainer.model, tokenizer, prompt_hashes(tokenizer))
+
+    with pytest.raises(ValueError, match="input-embedding weights differ"):
+        store.check(tiny_llama(seed=5), tokenizer, prompt_hashes(tokenizer))
+    other_tokenizer = tiny_tokenizer()
+    other_tokenizer.add_tokens(["<extra>"])
+    with pytest.raises(ValueError, match="vocabulary differs"):
+        store.check(model, other_tokenizer, prompt_hashes(tokenizer))
+    changed = [(i, p + " Really?", c) if i == "b" else (i, p, c) for i, p, c in ROWS]
+    with pytest.raises(ValueError, match="1 examples tokenize to other prompt tokens"):
+        store.check(model, tokenizer, prompt_hashes(tokenizer, changed))
+    with pytest.raises(ValueError, match="have no stored prior input"):
+        store.check(model, tokenizer, {**prompt_hashes(tokenizer), "z": "0"})

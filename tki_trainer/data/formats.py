@@ -1,0 +1,59 @@
+"""Row formats shared by the loaders: TRL's standard and conversational prompt/completion, and messages."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from datasets import Dataset
+
+
+def as_conversational(dataset: Dataset) -> Dataset:
+    """Wrap string prompt/completion rows as one user turn and one assistant turn (TRL's conversational format)."""
+    return dataset.map(
+        lambda row: {
+            "prompt": [{"role": "user", "content": row["prompt"]}],
+            "completion": [{"role": "assistant", "content": row["completion"]}],
+        },
+        desc="Converting to conversational prompt/completion",
+    )
+
+
+def messages_to_prompt_completion(row: dict[str, Any]) -> dict[str, Any]:
+    """Split a ``messages`` row at its last assistant turn: every turn before it is the prompt, that turn the
+    completion. Use it with ``dataset.map(messages_to_prompt_completion, remove_columns="messages")`` to give
+    knowledge reinstatement the prompt/completion rows it needs."""
+    messages = row["messages"]
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None or last == 0:
+        raise ValueError(
+            "A messages row needs an assistant turn after at least one other turn to be split into prompt and "
+            f"completion; got roles {[m['role'] for m in messages]}."
+        )
+    return {"prompt": messages[:last], "completion": [messages[last]]}
+
+
+def check_prompt_completion_rows(dataset: Dataset) -> None:
+    """Refuse rows that knowledge reinstatement cannot use, before any work: it needs an ``id`` per row (unique),
+    a ``prompt`` and a non-empty ``completion``."""
+    columns = set(dataset.column_names)
+    if "messages" in columns and "prompt" not in columns:
+        raise ValueError(
+            "Knowledge reinstatement needs prompt/completion rows, not messages: convert them with "
+            "dataset.map(tki_trainer.data.messages_to_prompt_completion, remove_columns='messages')."
+        )
+    if not {"prompt", "completion"} <= columns:
+        raise ValueError(f"Knowledge reinstatement needs 'prompt' and 'completion' columns; the dataset has {sorted(columns)}.")
+    if "id" not in columns:
+        raise ValueError(
+            "The dataset needs an 'id' column (a stable, unique id per row) to key its prior inputs: the loaders in "
+            "tki_trainer.data add one; for your own rows use dataset.map(lambda row, i: {'id': str(i)}, with_indices=True)."
+        )
+    ids = dataset["id"]
+    if len(set(ids)) != len(ids):
+        seen: set = set()
+        duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
+        raise ValueError(f"The 'id' column has duplicates (e.g. {duplicates[:3]}); ids must be unique.")
+    for example_id, completion in zip(ids, dataset["completion"]):
+        text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
+        if not text.strip():
+            raise ValueError(f"Row {example_id!r} has an empty completion: drop it, there is no target to reinstate.")
