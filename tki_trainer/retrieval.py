@@ -8,6 +8,8 @@ the matching increments with weights that sum to one.
 
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 
@@ -70,3 +72,18 @@ def retrieve(
         weights = distance / distance.sum(dim=-1, keepdim=True)
     return indices, weights
 
+
+
+def hashed_group(example_id: str, num_groups: int, seed: int) -> int:
+    """A stable group for an example without a ``group_id``: the paper's random split of the training examples
+    into C groups, as a seeded hash of the id (the same across runs, processes and row order)."""
+    digest = hashlib.sha256(f"{seed}:{example_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % num_groups
+
+
+def usage_entropy(indices: torch.Tensor, weights: torch.Tensor, num_keys: int) -> float:
+    """Entropy (nats) of the blend-weight mass per latent task over a batch; ``log M`` when all are used equally."""
+    mass = torch.zeros(num_keys, dtype=torch.float64, device=weights.device)
+    mass.index_add_(0, indices.flatten(), weights.flatten().double())
+    p = mass[mass > 0] / mass.sum()
+    return float(-(p * p.log()).sum())

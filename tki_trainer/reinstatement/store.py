@@ -2,17 +2,17 @@
 
 Layout of a store directory::
 
-    store.json                       fingerprint of model and tokenizer, stage settings, storage form
-    shard-<rank>-<n>.safetensors     one tensor per example id, [prompt_tokens, hidden], bf16;
+    store.json                       fingerprint of model and tokenizer, stage settings
+    shard-<rank>-<n>.safetensors     one tensor per example id: q - e, [prompt_tokens, hidden], bf16;
                                      header metadata: per-example prompt hash and stage-1 numbers
 
 A shard is written under a temporary name and renamed, so it is either complete or absent; a rerun picks up
 from the shards that exist. Tensors are read memory-mapped, one example at a time.
 
-Two storage forms: ``"delta"`` keeps ``q - e`` (the prior input minus the real prompt embeddings, which the
-reader adds back from the model's own, frozen, embedding matrix) and ``"absolute"`` keeps ``q``. In bf16 the
-delta's error is relative to the (small) change, the absolute form's to the whole embedding, so ``"delta"``
-is the default (``bench/prepare_speed.py`` measures both).
+What is stored is the delta ``q - e`` (the prior input minus the real prompt embeddings, which the reader
+adds back from the model's own, frozen, embedding matrix). In bf16 its error is relative to the small change
+``q - e``; storing ``q`` itself in bf16 would put an error relative to the whole embedding on top of a change
+of about 1% (``bench/prepare_speed.py`` measures both).
 """
 
 from __future__ import annotations
@@ -21,8 +21,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
-
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -72,7 +70,6 @@ class PriorInputStore:
         model: nn.Module,
         tokenizer: PreTrainedTokenizerBase,
         settings: dict,
-        storage: Literal["delta", "absolute"],
     ) -> PriorInputStore:
         """The store at ``path``, created if absent; an existing store must have the same model, tokenizer and
         settings (resuming), else it is refused."""
@@ -81,7 +78,6 @@ class PriorInputStore:
             "model": model_fingerprint(model),
             "tokenizer": tokenizer_fingerprint(tokenizer),
             "settings": settings,
-            "storage": storage,
         }
         path = Path(path)
         if (path / INDEX).is_file():
@@ -97,10 +93,6 @@ class PriorInputStore:
                 (staging / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True))
         return cls(path)
 
-    @property
-    def storage(self) -> str:
-        return self.index["storage"]
-
     def write_shard(self, name: str, tensors: dict[str, torch.Tensor], entries: dict[str, dict]) -> None:
         """Write one shard atomically and make its examples readable."""
         filename = f"shard-{name}.safetensors"
@@ -110,14 +102,12 @@ class PriorInputStore:
         for example_id, entry in entries.items():
             self.examples[example_id] = StoredExample(self.path / filename, **entry)
 
-    def load(self, example_id: str, prompt_embeddings: torch.Tensor) -> torch.Tensor:
-        """The prior input ``q`` of one example, float32 [prompt_tokens, hidden], given its real prompt
-        embeddings ``e`` (needed by the delta form)."""
+    def load_delta(self, example_id: str) -> torch.Tensor:
+        """``q - e`` of one example, float32 [prompt_tokens, hidden], read memory-mapped from its shard."""
         shard = self.examples[example_id].shard
         if shard not in self._handles:
             self._handles[shard] = safe_open(shard, framework="pt")
-        stored = self._handles[shard].get_tensor(example_id).to(device=prompt_embeddings.device, dtype=torch.float32)
-        return prompt_embeddings.float() + stored if self.storage == "delta" else stored
+        return self._handles[shard].get_tensor(example_id).float()
 
     def summary(self) -> dict[str, float]:
         """Means over the stored examples of CE with ``e``, CE with ``q``, and |q-e|/|e|."""

@@ -1,0 +1,163 @@
+import pytest
+import torch
+from datasets import Dataset
+from peft import LoraConfig
+from trl import SFTConfig, SFTTrainer
+
+from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs
+from tki_trainer.reinstatement import PriorInputConfig
+
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
+
+
+ROWS = [
+    ("The island is", " an island of land."),
+    ("Paris is the capital of", " France."),
+    ("Answer: yes or no.", " yes"),
+    ("The capital of France is", " Paris."),
+    ("Is land an island?", " no"),
+    ("Paris is", " the capital of France."),
+    ("Answer:", " no"),
+    ("The island of", " land."),
+]
+
+
+def rows(with_queries=True):
+    generator = torch.Generator().manual_seed(3)
+    data = [{"id": f"r{i}", "prompt": p, "completion": c} for i, (p, c) in enumerate(ROWS)]
+    if with_queries:
+        for row in data:
+            row["query_embedding"] = torch.randn(KEY_DIM, generator=generator).tolist()
+    return Dataset.from_list(data)
+
+
+def shared_lora():
+    return LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def common(tmp_path, name, **overrides):
+    values = dict(
+        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
+        report_to="none", bf16=False, use_cpu=True, seed=0, dataset_num_proc=None, save_strategy="no",
+        activation_checkpointing=False,
+    )
+    values.update(overrides)
+    return values
+
+
+def losses(trainer):
+    return [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+
+
+def test_with_every_switch_off_it_trains_exactly_like_sft_trainer(tmp_path):
+    sft = SFTTrainer(tiny_llama(), args=SFTConfig(**common(tmp_path, "sft")), train_dataset=rows(False),
+                     processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    sft.train()
+    tki = TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "tki"), lta=False, kr=False, pcgrad=False),
+                     train_dataset=rows(False), processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    tki.train()
+    assert len(losses(sft)) == 3
+    assert losses(tki) == pytest.approx(losses(sft), rel=1e-6)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_silent_bank_leaves_tkis_sft_term_equal_to_sft_trainer(tmp_path, checkpointing):
+    """lta=True, latent_alpha=0: every batch is routed through the bank, which adds nothing."""
+    settings = common(tmp_path, "x", activation_checkpointing=checkpointing)
+    sft = SFTTrainer(tiny_llama(), args=SFTConfig(**{**settings, "output_dir": str(tmp_path / "sft")}),
+                     train_dataset=rows(False), processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    tki = TKITrainer(tiny_llama(), args=TKIConfig(**{**settings, "output_dir": str(tmp_path / "tki")}, kr=False),
+                     train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config(latent_alpha=0))
+    with torch.no_grad():
+        shared = {n.replace("lora_", "tki_lora_").replace(".default", ""): p for n, p in sft.model.named_parameters() if "lora_" in n}
+        for name, parameter in tki.model.named_parameters():
+            key = name.replace(".default", "")
+            if key in shared:
+                parameter.copy_(shared[key])
+    sft.train()
+    tki.train()
+    assert losses(tki) == pytest.approx(losses(sft), rel=1e-5)
+    assert "latent_usage_entropy" in tki.state.log_history[0]
+
+
+def kr_trainer(tmp_path, name, store_dir=None, **overrides):
+    settings = {**common(tmp_path, name), **overrides}
+    return TKITrainer(tiny_llama(), args=TKIConfig(**settings, prior_inputs_dir=store_dir), train_dataset=rows(),
+                      processing_class=tiny_tokenizer(), peft_config=tki_config())
+
+
+def test_prior_inputs_equal_to_the_prompt_make_reinstatement_equal_sft(tmp_path):
+    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    trainer = kr_trainer(tmp_path, "kr", store_dir=str(store.path))
+    trainer.train()
+    for entry in (e for e in trainer.state.log_history if "loss_sft" in e):
+        assert entry["loss_reinst"] == pytest.approx(entry["loss_sft"], rel=1e-5)
+        assert entry["pcgrad_conflict_rate"] == 0
+        assert entry["pcgrad_cosine"] == pytest.approx(1.0, abs=1e-4)
+
+
+def adapter_after_one_step(tmp_path, name, store_dir, batch, accumulation):
+    trainer = kr_trainer(tmp_path, name, store_dir=store_dir, max_steps=1, per_device_train_batch_size=batch,
+                         gradient_accumulation_steps=accumulation, learning_rate=1e-3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    trainer.train()
+    after = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+    return before, after, trainer
+
+
+def noisy_store(tmp_path, scale):
+    """Prior inputs ``q = e + noise``: harder than the prompt for most rows, so both objectives have gradients."""
+    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    generator = torch.Generator().manual_seed(0)
+    deltas = {i: torch.randn(store.load_delta(i).shape, generator=generator) * scale for i in store.examples}
+    entries = {i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")} for i, e in store.examples.items()}
+    store.write_shard("999-00000", deltas, entries)
+    return store
+
+
+def test_pcgrad_update_is_the_same_for_accumulation_and_one_large_batch(tmp_path):
+    store = noisy_store(tmp_path, scale=0.5)
+    before, accumulated, trainer = adapter_after_one_step(tmp_path, "ga", str(store.path), batch=1, accumulation=4)
+    _, large, large_trainer = adapter_after_one_step(tmp_path, "large", str(store.path), batch=4, accumulation=1)
+    assert any(not torch.equal(before[n], large[n]) for n in large)
+    for name in large:
+        torch.testing.assert_close(accumulated[name], large[name], atol=1e-6, rtol=1e-5)
+    log = next(e for e in large_trainer.state.log_history if "loss_sft" in e)
+    assert 0 < log["reinst_q_win_rate"] and log["loss_reinst"] > log["loss_sft"]
+    assert log["loss"] == pytest.approx(log["loss_sft"] + log["loss_reinst"], rel=1e-4)
+    accumulated_log = next(e for e in trainer.state.log_history if "loss_sft" in e)
+    assert accumulated_log["loss_sft"] == pytest.approx(log["loss_sft"], rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    "overrides,data,message",
+    [
+        (dict(packing=True), None, "packing"),
+        (dict(completion_only_loss=False), None, "completion_only_loss=True"),
+        (dict(prior_inputs_dir="/nonexistent"), None, "no prior-input store"),
+        ({}, Dataset.from_list([{"id": "a", "text": "The island is land."}]), "prompt' and 'completion'"),
+        ({}, Dataset.from_list([{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]), "messages_to_prompt_completion"),
+        ({}, rows().remove_columns("id"), "'id' column"),
+        (dict(kr=False), Dataset.from_list([{"id": "a", "text": "The island is land."}]), "no 'prompt'"),
+    ],
+)
+def test_bad_input_is_refused_at_construction(tmp_path, overrides, data, message):
+    args = TKIConfig(**{**common(tmp_path, "bad"), **overrides})
+    with pytest.raises(ValueError, match=message):
+        TKITrainer(tiny_llama(), args=args, train_dataset=data if data is not None else rows(),
+                   processing_class=tiny_tokenizer(), peft_config=tki_config())
+
+
+def test_plain_lora_with_lta_and_mismatched_dimensions_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="LatentLoraConfig"):
+        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "bad")), train_dataset=rows(),
+                   processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    with pytest.raises(ValueError, match="key_dim=32"):
+        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "bad")), train_dataset=rows(),
+                   processing_class=tiny_tokenizer(), peft_config=tki_config(key_dim=32))
+
+
+def test_a_foreign_prior_input_store_is_refused(tmp_path):
+    store = compute_prior_inputs(tiny_llama(seed=9), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(steps=1))
+    with pytest.raises(ValueError, match="input-embedding weights differ"):
+        kr_trainer(tmp_path, "foreign", store_dir=str(store.path))

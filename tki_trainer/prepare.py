@@ -1,0 +1,101 @@
+"""``tki-prepare``: everything TKI computes before training, in one resumable command.
+
+Loads prompt/completion rows, fits them into ``max_length`` (prompts cut from the left), adds query
+embeddings, and runs knowledge-reinstatement stage 1. Writes ``<output_dir>/dataset`` (Arrow, with the
+``query_embedding`` column) and ``<output_dir>/prior_inputs`` (the store ``TKIConfig(prior_inputs_dir=...)``
+reads). Under ``accelerate launch`` the processes split stage 1's examples.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset, load_from_disk
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+
+from .data import add_query_embeddings, fit_prompts, load_local, load_p3
+from .embedded import load_embedded_encoder, load_embedded_model
+from .reinstatement import PriorInputConfig, compute_prior_inputs
+from .reinstatement.stage1 import DEFAULT_MAX_LENGTH
+
+
+@dataclass
+class PrepareArguments:
+    data: str = field(metadata={"help": "A P3 .jsonl.gz file, or a .json/.jsonl file of prompt/completion or messages rows."})
+    output_dir: str = field(metadata={"help": "Where dataset/ and prior_inputs/ are written (and resumed from)."})
+    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path / Hub id."})
+    encoder: str = field(
+        default="embedded", metadata={"help": "'embedded' (all-MiniLM-L6-v2) or a sentence-transformers path / Hub id."}
+    )
+    conversational: bool = field(default=False, metadata={"help": "Wrap P3 rows as chat turns (uses the chat template)."})
+    limit: Optional[int] = field(default=None, metadata={"help": "Keep a seeded sample of this many rows."})
+    seed: int = field(default=0, metadata={"help": "Seed of the sample."})
+    max_length: Optional[int] = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Token budget per row, as TKIConfig.max_length."})
+    overlong: str = field(default="truncate_left", metadata={"help": "'truncate_left' or 'drop' rows over max_length."})
+    steps: int = field(default=PriorInputConfig.steps, metadata={"help": "Stage-1 optimisation steps per example."})
+    learning_rate: float = field(default=PriorInputConfig.learning_rate, metadata={"help": "Stage-1 Adam learning rate."})
+    wasserstein_weight: float = field(
+        default=PriorInputConfig.wasserstein_weight, metadata={"help": "lam: weight of W(q, e) keeping q near the prompt."}
+    )
+    wasserstein: str = field(default=PriorInputConfig.wasserstein, metadata={"help": "'emd' (exact) or 'sinkhorn'."})
+    batch_size: int = field(default=PriorInputConfig.batch_size, metadata={"help": "Examples optimised together."})
+
+
+def load_rows(args: PrepareArguments) -> Dataset:
+    path = Path(args.data)
+    if path.name.endswith(".jsonl.gz"):
+        return load_p3(path, limit=args.limit, seed=args.seed, conversational=args.conversational)
+    dataset = load_local(path)
+    return dataset.shuffle(seed=args.seed).select(range(min(args.limit, len(dataset)))) if args.limit else dataset
+
+
+def main(argv: list[str] | None = None) -> None:
+    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    if not Path(args.data).is_file():
+        raise SystemExit(f"tki-prepare: no data file at {args.data}")
+    config = PriorInputConfig(
+        steps=args.steps,
+        learning_rate=args.learning_rate,
+        wasserstein_weight=args.wasserstein_weight,
+        wasserstein=args.wasserstein,
+        batch_size=args.batch_size,
+    )
+    state = PartialState()
+    output_dir = Path(args.output_dir)
+    if args.model == "embedded":
+        model, tokenizer = load_embedded_model()
+    else:
+        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model.to(state.device)
+
+    dataset_dir = output_dir / "dataset"
+    with state.main_process_first():
+        if (dataset_dir / "dataset_info.json").is_file():
+            dataset = load_from_disk(str(dataset_dir))
+        else:
+            dataset, report = fit_prompts(load_rows(args), tokenizer, args.max_length, args.overlong) if args.max_length else (load_rows(args), None)
+            encoder = load_embedded_encoder() if args.encoder == "embedded" else _sentence_transformer(args.encoder)
+            dataset = add_query_embeddings(dataset, encoder, cache_dir=output_dir / "_cache")
+            if state.is_main_process:
+                dataset.save_to_disk(str(dataset_dir))
+                if report is not None:
+                    state.print(f"fit to {args.max_length} tokens: {report}")
+    store = compute_prior_inputs(model, tokenizer, dataset, output_dir / "prior_inputs", config=config, max_length=args.max_length)
+    state.print(f"dataset with query embeddings: {dataset_dir} ({len(dataset)} rows)")
+    state.print(f"prior inputs: {store.path}\n{json.dumps(store.summary(), indent=2)}")
+
+
+def _sentence_transformer(name: str):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(name)
+
+
+if __name__ == "__main__":
+    main()
