@@ -1,0 +1,37 @@
+"""Two processes (DDP over gloo, CPU, launched with the recipe's accelerate config) train the same adapter as one
+process with the same effective batch."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from test_trainer import noisy_store
+
+
+HERE = Path(__file__).parent
+
+
+def run(command, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(HERE), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_two_processes_train_the_same_adapter_as_one(tmp_path):
+    store = noisy_store(tmp_path, scale=0.5)
+    script = str(HERE / "distributed_run.py")
+    run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1"], tmp_path)
+    config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29537",
+         script, str(tmp_path / "two"), str(store.path), "2", "1"], tmp_path)
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    assert one.keys() == two.keys()
+    moved = [k for k in one if "tki_lora_B" in k and one[k].abs().sum() > 0]
+    assert moved
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
