@@ -161,3 +161,24 @@ def test_a_foreign_prior_input_store_is_refused(tmp_path):
     store = compute_prior_inputs(tiny_llama(seed=9), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(steps=1))
     with pytest.raises(ValueError, match="input-embedding weights differ"):
         kr_trainer(tmp_path, "foreign", store_dir=str(store.path))
+
+
+def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
+    store = noisy_store(tmp_path, scale=0.5)
+
+    def trainer(name):
+        return kr_trainer(tmp_path, name, store_dir=str(store.path), max_steps=4, save_strategy="steps", save_steps=2,
+                          per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+
+    straight = trainer("run")
+    straight.train()
+    expected = {n: p.detach().clone() for n, p in straight.model.named_parameters() if p.requires_grad}
+    resumed = trainer("run")
+    resumed.train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-2"))
+    assert len(losses(resumed)) == 4
+    assert losses(resumed)[2:] == pytest.approx(losses(straight)[2:], rel=1e-6)
+    for name, parameter in resumed.model.named_parameters():
+        if parameter.requires_grad:
+            torch.testing.assert_close(parameter.detach(), expected[name])
+    saved = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
+    assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"} <= saved
