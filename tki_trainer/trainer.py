@@ -14,13 +14,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, PeftModel
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainerCallback
 from trl import SFTTrainer
 
 from .collator import GROUP_IDS, PRIOR_DELTAS, QUERY_EMBEDDINGS, TKICollator
 from .config import TKIConfig
 from .data.formats import check_prompt_completion_rows
 from .data.queries import add_query_embeddings
+from .optim import LazyAdamW, TouchedRows
 from .pcgrad import PCGradAccumulator
 from .reinstatement import PriorInputStore, compute_prior_inputs, optimize_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
@@ -112,7 +113,14 @@ class TKITrainer(SFTTrainer):
             store=self._store,
         )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._pcgrad = PCGradAccumulator(trainable) if args.kr and args.pcgrad else None
+        banks = [p for n, p in self.model.named_parameters() if p.requires_grad and "tki_latent_" in n]
+        self._touched = TouchedRows(find_tuner(self.model).peft_config[self._adapter].num_latent_tasks) if args.lta else None
+        self._pcgrad = PCGradAccumulator(trainable, banks, self._touched) if args.kr and args.pcgrad else None
+        if self._touched is not None:
+            self.add_callback(_ClearTouchedRows(self._touched))
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
+            if self.optimizer is None and self.optimizer_cls_and_kwargs is None and optimizer_cls is torch.optim.AdamW:
+                self.optimizer_cls_and_kwargs = (LazyAdamW, {**optimizer_kwargs, "touched": self._touched, "lazy_params": banks})
 
     # Construction -------------------------------------------------------------------------------------------------
 
@@ -266,7 +274,7 @@ class TKITrainer(SFTTrainer):
         """SFTTrainer's loss under routing; in training with ``kr`` (and without PCGrad) ``L_sft + alpha L_reinst``."""
         mode = "train" if self.model.training else "eval"
         with self._routing(model, inputs):
-            self._log_latent_usage(model, mode)
+            self._observe_routing(model, mode)
             if not (self.args.kr and mode == "train"):
                 inputs.pop(PRIOR_DELTAS, None)
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -293,7 +301,7 @@ class TKITrainer(SFTTrainer):
         inputs = self._prepare_inputs(inputs)
         alpha = self.args.reinstatement_alpha
         with self.compute_loss_context_manager(), self.accelerator.no_sync(model):
-            self._log_latent_usage(model, "train")
+            self._observe_routing(model, "train")
             objectives, _ = self._objectives(model, inputs, num_items_in_batch)
             self._log_objectives(objectives, num_items_in_batch)
             q_wins = objectives.q_wins
@@ -302,7 +310,7 @@ class TKITrainer(SFTTrainer):
             g1 = self._pcgrad.take_gradients()
             self._pcgrad.add(0, g1)
             if not q_wins.any():
-                self._pcgrad.add(1, alpha * g1)
+                self._pcgrad.add(1, g1, scale=alpha)
             else:
                 through = objectives.reinstatement if mixed else objectives.reinstatement_through_q
                 self.accelerator.backward(alpha * through)
@@ -319,20 +327,37 @@ class TKITrainer(SFTTrainer):
         """Log the objectives on the scale of the Trainer's ``loss``: a micro-batch's share times the number of
         micro-batches, so that the average over a step is the effective batch's value."""
         gather = self.accelerator.gather_for_metrics
-        share = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        share = getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+        share = share if num_items_in_batch is not None else 1
         self._metrics["train"]["loss_sft"].append(gather(objectives.sft.detach()).mean().item() * share)
         self._metrics["train"]["loss_reinst"].append(gather(objectives.reinstatement.detach()).mean().item() * share)
         self._metrics["train"]["reinst_q_win_rate"].append(gather(objectives.q_wins.float()).mean().item())
 
-    def _log_latent_usage(self, model: torch.nn.Module, mode: str) -> None:
+    @property
+    def _adapter(self) -> str:
+        return find_tuner(self.model).active_adapters[0]
+
+    def _observe_routing(self, model: torch.nn.Module, mode: str) -> None:
+        """Log how evenly the batch uses the bank, and mark its retrieved rows for the lazy optimizer and PCGrad."""
         if not self.args.lta:
             return
         tuner = find_tuner(model)
-        adapter = tuner.active_adapters[0]
         routing = tuner.router.require()
-        indices, weights = routing.selection(adapter, routing.batch_size)
-        entropy = usage_entropy(indices, weights, tuner.peft_config[adapter].num_latent_tasks)
+        indices, weights = routing.selection(self._adapter, routing.batch_size)
+        entropy = usage_entropy(indices, weights, tuner.peft_config[self._adapter].num_latent_tasks)
         self._metrics[mode]["latent_usage_entropy"].append(entropy)
+        if mode == "train":
+            self._touched.mark(indices)
+
+
+class _ClearTouchedRows(TrainerCallback):
+    """Forget the retrieved rows once the optimizer has stepped."""
+
+    def __init__(self, touched: TouchedRows) -> None:
+        self.touched = touched
+
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        self.touched.clear()
 
 
 @contextlib.contextmanager
