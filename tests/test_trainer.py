@@ -138,7 +138,7 @@ def test_pcgrad_update_is_the_same_for_accumulation_and_one_large_batch(tmp_path
         ({}, Dataset.from_list([{"id": "a", "text": "The island is land."}]), "prompt' and 'completion'"),
         ({}, Dataset.from_list([{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]), "messages_to_prompt_completion"),
         ({}, rows().remove_columns("id"), "'id' column"),
-        (dict(kr=False), Dataset.from_list([{"id": "a", "text": "The island is land."}]), "no 'prompt'"),
+        (dict(kr=False), Dataset.from_list([{"id": "a", "content": "The island is land."}]), "'prompt', 'messages' or 'text'"),
     ],
 )
 def test_bad_input_is_refused_at_construction(tmp_path, overrides, data, message):
@@ -182,3 +182,52 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
             torch.testing.assert_close(parameter.detach(), expected[name])
     saved = {p.name for p in (tmp_path / "run" / "checkpoint-2").iterdir()}
     assert {"adapter_model.safetensors", "adapter_config.json", "optimizer.pt", "scheduler.pt"} <= saved
+
+
+def test_drop_in_path_computes_queries_and_prior_inputs_and_uses_the_papers_bank(tmp_path):
+    """No peft_config, no query_embedding column, no prior-input store: the trainer builds all three."""
+    args = TKIConfig(**common(tmp_path, "dropin", max_steps=1), query_encoder="embedded", prior_inputs_steps=1)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(with_queries=False), processing_class=tiny_tokenizer())
+    config = trainer.model.peft_config["default"]
+    assert (config.num_groups, config.keys_per_group, config.top_k, config.r, config.key_dim) == (16, 12, 2, 8, 384)
+    cache = tmp_path / "dropin" / "_tki_cache"
+    assert (cache / "prior_inputs" / "store.json").is_file() and list((cache / "queries").glob("*.safetensors"))
+    trainer.train()
+    assert "loss_reinst" in trainer.state.log_history[0]
+
+
+def test_on_the_fly_prior_inputs_train_without_a_store(tmp_path):
+    args = TKIConfig(**common(tmp_path, "fly", max_steps=2), prior_inputs_mode="on_the_fly", prior_inputs_steps=2,
+                     prior_inputs_learning_rate=5e-2)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer.train()
+    assert not (tmp_path / "fly" / "_tki_cache" / "prior_inputs").exists()
+    logs = [e for e in trainer.state.log_history if "loss_sft" in e]
+    assert len(logs) == 2 and all(e["loss_reinst"] >= e["loss_sft"] for e in logs)
+
+
+def test_evaluation_routes_each_example_as_in_training(tmp_path):
+    args = TKIConfig(**common(tmp_path, "eval", max_steps=1, per_device_eval_batch_size=8), kr=False)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), eval_dataset=rows(),
+                         processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer.train()
+    metrics = trainer.evaluate()
+    batch = next(iter(trainer.get_eval_dataloader()))
+    with torch.no_grad():
+        expected = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                                 query_embeddings=batch["query_embeddings"], group_ids=batch["group_ids"]).loss
+        unrouted_groups = (batch["group_ids"] + 1) % 3
+        other = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+                              query_embeddings=batch["query_embeddings"], group_ids=unrouted_groups).loss
+    assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
+    assert float(other) != pytest.approx(float(expected), rel=1e-6)
+    assert "eval_latent_usage_entropy" in metrics
+
+
+def test_tki_config_parses_from_the_command_line_like_sft_config():
+    from trl import TrlParser
+
+    (args,) = TrlParser((TKIConfig,)).parse_args_and_config(
+        ["--output_dir", "x", "--use_cpu", "true", "--kr", "false", "--reinstatement_alpha", "0.5", "--query_encoder", "embedded"]
+    )
+    assert (args.kr, args.lta, args.reinstatement_alpha, args.query_encoder) == (False, True, 0.5, "embedded")

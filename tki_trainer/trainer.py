@@ -85,7 +85,8 @@ class TKITrainer(SFTTrainer):
         self._cache_dir = Path(args.output_dir) / CACHE_DIR
         if args.lta:
             peft_config = self._latent_config(model, args, peft_config, datasets)
-            datasets = {name: self._with_routing_columns(dataset, args, peft_config or find_tuner(model).peft_config["default"]) for name, dataset in datasets.items()}
+            latent = peft_config or find_tuner(model).peft_config[find_tuner(model).active_adapters[0]]
+            datasets = {name: self._with_routing_columns(dataset, args, latent) for name, dataset in datasets.items()}
         elif peft_config is None and not isinstance(model, PeftModel):
             peft_config = _paper_lora_config()
 
@@ -101,9 +102,6 @@ class TKITrainer(SFTTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        if args.kr and args.completion_only_loss is None and not self.completion_only_loss:
-            raise ValueError("Knowledge reinstatement needs completion-only loss; the rows are not prompt/completion.")
-
         self._store = self._prior_input_store() if args.kr and args.prior_inputs_mode == "store" else None
         self.data_collator = TKICollator(
             base=self.data_collator,
@@ -157,6 +155,11 @@ class TKITrainer(SFTTrainer):
                     f"The {name} dataset needs a '{args.id_column}' column of stable, unique ids (TKI keys groups and "
                     "prior inputs by it); the loaders in tki_trainer.data add one."
                 )
+            if args.lta and args.query_embedding_column not in columns and not columns & {"prompt", "messages", "text"}:
+                raise ValueError(
+                    f"The {name} dataset has no '{args.query_embedding_column}' column and no 'prompt', 'messages' or "
+                    "'text' column to encode one from: add query embeddings with tki_trainer.add_query_embeddings."
+                )
             if args.kr and name == "train":
                 check_prompt_completion_rows(dataset.rename_column(args.id_column, "id") if args.id_column != "id" else dataset)
 
@@ -183,11 +186,6 @@ class TKITrainer(SFTTrainer):
     def _with_routing_columns(self, dataset: Dataset, args: TKIConfig, config: LatentLoraConfig) -> Dataset:
         """Add what routing needs: query embeddings (computed when absent, cached) and group ids (hashed when absent)."""
         if args.query_embedding_column not in dataset.column_names:
-            if "prompt" not in dataset.column_names:
-                raise ValueError(
-                    f"The dataset has no '{args.query_embedding_column}' column and no 'prompt' to compute it from: add "
-                    "query embeddings with tki_trainer.add_query_embeddings."
-                )
             dataset = add_query_embeddings(
                 dataset,
                 _sentence_encoder(args.query_encoder),

@@ -3,7 +3,7 @@
 from .bigbench import load_bigbench
 from .formats import as_conversational, messages_to_prompt_completion
 from .local import load_local
-from .p3 import load_p3
+from .p3 import group_references, load_p3
 from .queries import add_query_embeddings
 from .sni import load_sni, sni_from_hub_rows, sni_splits
 from .tokenization import tokenize_row
@@ -15,6 +15,7 @@ __all__ = [
     "add_query_embeddings",
     "as_conversational",
     "fit_prompts",
+    "group_references",
     "load_bigbench",
     "load_local",
     "load_p3",

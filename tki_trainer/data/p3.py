@@ -49,3 +49,19 @@ def load_p3(
         dataset = dataset.select(range(min(limit, len(dataset))))
     dataset = dataset.sort("id")
     return as_conversational(dataset) if conversational else dataset
+
+
+def group_references(dataset: Dataset) -> Dataset:
+    """One row per distinct prompt, its completions gathered as ``references`` (P3's held-out files give a
+    prompt once per acceptable answer). The first row's other columns and id are kept."""
+    first: dict[str, int] = {}
+    references: dict[str, list[str]] = {}
+    for index, (prompt, completion) in enumerate(zip(dataset["prompt"], dataset["completion"])):
+        key = prompt if isinstance(prompt, str) else repr(prompt)
+        if key not in first:
+            first[key] = index
+            references[key] = []
+        references[key].append(completion if isinstance(completion, str) else completion[-1]["content"])
+    grouped = dataset.select(sorted(first.values()))
+    ordered = [references[key] for key, _ in sorted(first.items(), key=lambda item: item[1])]
+    return grouped.add_column("references", ordered)

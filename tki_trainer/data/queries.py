@@ -12,6 +12,7 @@ from datasets import Dataset
 from safetensors.torch import load_file, save_file
 
 from .._io import staged_directory
+from .formats import messages_to_prompt_completion
 
 
 def query_text(prompt: Any) -> str:
@@ -19,6 +20,20 @@ def query_text(prompt: Any) -> str:
     if isinstance(prompt, str):
         return prompt
     return "\n".join(message["content"] for message in prompt)
+
+
+def query_texts(dataset: Dataset) -> list[str]:
+    """One query text per row: the prompt; for messages rows every turn before the last assistant turn; for
+    language-modelling rows the text itself."""
+    if "prompt" in dataset.column_names:
+        return [query_text(prompt) for prompt in dataset["prompt"]]
+    if "messages" in dataset.column_names:
+        return [query_text(messages_to_prompt_completion({"messages": m})["prompt"]) for m in dataset["messages"]]
+    if "text" in dataset.column_names:
+        return list(dataset["text"])
+    raise ValueError(
+        f"Query embeddings are encoded from a 'prompt', 'messages' or 'text' column; the dataset has {dataset.column_names}."
+    )
 
 
 def encoder_name(encoder: Any) -> str:
@@ -35,17 +50,12 @@ def add_query_embeddings(
     cache_dir: str | os.PathLike | None = None,
     key_dim: int | None = None,
 ) -> Dataset:
-    """``dataset`` with a ``column`` of unit-norm embeddings of each row's prompt.
+    """``dataset`` with a ``column`` of unit-norm embeddings of each row's prompt (see `query_texts`).
 
     ``encoder`` is any sentence-transformers model (default: the embedded all-MiniLM-L6-v2). With ``cache_dir``
     the embeddings are stored as safetensors under a hash of the prompts and the encoder's name and dimension,
     and reused on the next call. ``key_dim``, the adapter's, is checked against the encoder before any encoding.
     """
-    if "prompt" not in dataset.column_names:
-        raise ValueError(
-            "add_query_embeddings needs a 'prompt' column; split messages rows first with "
-            "dataset.map(tki_trainer.data.messages_to_prompt_completion, remove_columns='messages')."
-        )
     if encoder is None:
         from ..embedded import load_embedded_encoder
 
@@ -56,7 +66,7 @@ def add_query_embeddings(
             f"The encoder {name} gives {dim}-dimensional embeddings but the adapter has key_dim={key_dim}: use the "
             f"encoder the adapter was built for, or build the adapter with key_dim={dim}."
         )
-    texts = [query_text(prompt) for prompt in dataset["prompt"]]
+    texts = query_texts(dataset)
     digest = hashlib.sha256(json.dumps([name, dim, texts]).encode()).hexdigest()[:24]
     cache_file = Path(cache_dir) / f"queries-{digest}.safetensors" if cache_dir is not None else None
     if cache_file is not None and cache_file.is_file():

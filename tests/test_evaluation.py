@@ -1,0 +1,65 @@
+import socket
+
+import pytest
+import sacrebleu
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+from rouge_score import rouge_scorer
+
+from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by
+from tki_trainer.evaluation import scoring
+
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
+
+
+PREDICTIONS = ["The cat sat on the mat.", "paris", "A skier skis down the mountains", "no idea"]
+REFERENCES = [["A cat was sitting on the mat."], ["Paris", "City of Paris"], ["Skier skis down the mountain", "A skier is skiing."], ["yes"]]
+
+
+def test_metrics_equal_rouge_score_and_sacrebleu_computed_directly():
+    result = score(PREDICTIONS, REFERENCES)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for key in ("rouge1", "rouge2", "rougeL"):
+        best = [max(scorer.score(r, p)[key].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)]
+        assert result[key] == pytest.approx(100 * sum(best) / len(best))
+    streams = [[refs[0] for refs in REFERENCES], [refs[1] if len(refs) > 1 else None for refs in REFERENCES]]
+    assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, streams, tokenize="13a").score)
+    assert result["exact_match"] == 25.0
+
+
+def test_scoring_touches_no_network(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("network access")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+    scoring._modules.cache_clear()
+    assert score(["a b"], [["a b"]])["exact_match"] == 100.0
+
+
+def test_breakdown_scores_each_group_and_all():
+    result = score_by(PREDICTIONS, REFERENCES, ["x", "x", "y", "y"])
+    assert set(result) == {"all", "x", "y"}
+    assert result["x"]["exact_match"] == 50.0 and result["y"]["exact_match"] == 0.0
+
+
+def test_answer_budgets_follow_the_longest_reference():
+    tokenizer = tiny_tokenizer()
+    budgets = answer_budgets(tokenizer, [["land"], ["The island is an island of land."]], ["a", "b"])
+    assert budgets["a"] < budgets["b"] and budgets["b"] == int(len(tokenizer("The island is an island of land.", add_special_tokens=False)["input_ids"]) * 1.25) + 8
+
+
+def test_routed_generation_keeps_dataset_order_and_matches_row_by_row():
+    model = trained_like(get_peft_model(tiny_llama(), tki_config()))
+    generator = torch.Generator().manual_seed(0)
+    dataset = Dataset.from_list(
+        [{"prompt": p, "task": t, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
+         for p, t in [("Paris is", "b"), ("The is", "a"), ("Answer:", "a")]]
+    )
+    tokenizer = tiny_tokenizer()
+    together = generate_answers(model, tokenizer, dataset, max_new_tokens={"a": 3, "b": 5}, group_column="task", batch_size=3)
+    alone = [generate_answers(model, tokenizer, dataset.select([i]), max_new_tokens={"a": 3, "b": 5}, group_column="task")[0] for i in range(3)]
+    assert together == alone and all(isinstance(answer, str) for answer in together)
+    with pytest.raises(ValueError, match="no 'query_embedding' column"):
+        generate_answers(model, tokenizer, dataset.remove_columns("query_embedding"))

@@ -1,0 +1,91 @@
+"""recipes/sni_llama.py: the whole pipeline on the tiny model, the paper preset's values, and early refusals."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import tiny_llama, tiny_tokenizer
+
+
+ROOT = Path(__file__).parents[1]
+FIXTURES = Path(__file__).parent / "fixtures"
+spec = importlib.util.spec_from_file_location("sni_llama", ROOT / "recipes" / "sni_llama.py")
+sni_llama = importlib.util.module_from_spec(spec)
+sys.modules["sni_llama"] = sni_llama
+spec.loader.exec_module(sni_llama)
+
+
+def tiny_model_dir(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "model")
+    tiny_tokenizer().save_pretrained(tmp_path / "model")
+    return str(tmp_path / "model")
+
+
+def tiny_argv(tmp_path):
+    return [
+        "--model_name_or_path", tiny_model_dir(tmp_path), "--train_data", str(FIXTURES / "p3_sample.jsonl"),
+        "--eval_data", str(FIXTURES / "p3_sample.jsonl"), "--num_eval_prompts", "2", "--output_dir", str(tmp_path / "out"),
+        "--max_steps", "2", "--max_length", "96", "--num_groups", "2", "--keys_per_group", "3", "--r", "4",
+        "--prior_inputs_steps", "1", "--per_device_train_batch_size", "2", "--dataset_num_proc", "1", "--report_to", "none",
+    ]
+
+
+def test_recipe_runs_end_to_end_and_resumes(tmp_path):
+    metrics = sni_llama.main(tiny_argv(tmp_path))
+    out = tmp_path / "out"
+    assert {"all", "extractive_qa", "structure_to_text"} <= set(metrics)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TKI"
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert (out / "_tki_cache" / "prior_inputs" / "store.json").is_file()
+    resolved = json.loads((out / "resolved_config.json").read_text())
+    assert resolved["max_steps"]["origin"] == "user" and resolved["latent_alpha"]["origin"] == "ours"
+
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "adapter" / "adapter_model.safetensors", out / "predictions.jsonl"]}
+    again = sni_llama.main(tiny_argv(tmp_path))
+    assert again == metrics
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+
+
+def test_paper_preset_holds_the_papers_values_and_marks_ours():
+    _, config, resolved = sni_llama.parse(["--preset", "paper", "--train_data", "org/sni", "--use_cpu", "true"])
+    paper = {key: entry["value"] for key, entry in resolved.items() if entry["origin"] == "paper"}
+    assert paper == {
+        "model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "encoder": "FacebookAI/roberta-base",
+        "num_groups": 16, "keys_per_group": 12, "top_k": 2, "r": 8, "lora_target": "all-linear",
+        "max_instances_per_task": 100, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+        "learning_rate": 1e-5, "num_train_epochs": 3, "reinstatement_alpha": 1.0,
+        "prior_inputs_steps": 3, "prior_inputs_learning_rate": 5e-6,
+    }
+    ours = {key for key, entry in resolved.items() if entry["origin"] == "ours"}
+    assert {"lora_alpha", "latent_r", "latent_target_modules", "max_length", "num_validation_tasks"} <= ours
+    assert (config.lta, config.kr, config.pcgrad) == (True, True, True)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--preset", "fast"], "unknown preset"),
+        (["--train_data", "/nonexistent/train.jsonl.gz"], "does not exist"),
+        (["--preset", "paper", "--use_cpu", "true"], "needs --train_data"),
+    ],
+)
+def test_bad_invocations_fail_at_once(argv, message, capsys):
+    with pytest.raises(SystemExit, match=message):
+        sni_llama.main(argv)
+
+
+def test_push_without_a_token_and_an_oversized_model_fail_at_once(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr("huggingface_hub.get_token", lambda: None)
+    with pytest.raises(SystemExit, match="needs a Hub token"):
+        sni_llama.main(["--push_to_hub", "true", "--output_dir", str(tmp_path / "o")])
+    big = tmp_path / "big"
+    big.mkdir()
+    with open(big / "model.safetensors", "wb") as handle:
+        handle.truncate(2**40)
+    with pytest.raises(SystemExit, match="more than the"):
+        sni_llama.main(["--model_name_or_path", str(big), "--output_dir", str(tmp_path / "o")])

@@ -1,0 +1,7 @@
+"""Evaluation: routed greedy generation and offline BLEU / ROUGE / exact-match scoring."""
+
+from .generation import answer_budgets, generate_answers
+from .scoring import METRIC_NAMES, score, score_by
+
+
+__all__ = ["METRIC_NAMES", "answer_budgets", "generate_answers", "score", "score_by"]

@@ -1,0 +1,44 @@
+"""Scores of generated answers: BLEU-4, ROUGE-1/2/L and exact match, through `evaluate` with local modules.
+
+`evaluate.load("rouge")` fetches its script from the Hub; the modules in ``metrics/`` ship with the package
+and load offline. Every example is scored against all its references (the best one counts, as in SNI).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from functools import cache
+from pathlib import Path
+
+import evaluate
+
+
+METRICS_DIR = Path(__file__).parent / "metrics"
+METRIC_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
+
+
+@cache
+def _modules() -> tuple:
+    return tuple(evaluate.load(str(METRICS_DIR / f"{name}.py")) for name in ("tki_bleu", "tki_rouge", "tki_exact_match"))
+
+
+def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
+    """``{"bleu", "rouge1", "rouge2", "rougeL", "exact_match"}``, each x100, over the whole set."""
+    if len(predictions) != len(references) or not predictions:
+        raise ValueError(f"score needs one list of references per prediction; got {len(predictions)} and {len(references)}.")
+    results: dict[str, float] = {}
+    for module in _modules():
+        results.update(module.compute(predictions=list(predictions), references=[list(r) for r in references]))
+    return {name: results[name] for name in METRIC_NAMES}
+
+
+def score_by(
+    predictions: Sequence[str], references: Sequence[Sequence[str]], groups: Sequence[str]
+) -> dict[str, dict[str, float]]:
+    """`score` per group (task or cluster) and ``"all"``."""
+    members: dict[str, list[int]] = defaultdict(list)
+    for index, group in enumerate(groups):
+        members[group].append(index)
+    breakdown = {group: score([predictions[i] for i in idx], [references[i] for i in idx]) for group, idx in sorted(members.items())}
+    return {"all": score(predictions, references), **breakdown}
