@@ -27,8 +27,23 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
-from tki_trainer import LatentLoraConfig, TKIConfig, TKITrainer, add_query_embeddings, load_embedded_encoder, load_embedded_model
-from tki_trainer.data import as_conversational, fit_prompts, group_references, load_p3, load_sni, sni_from_hub_rows, sni_splits
+from tki_trainer import (
+    LatentLoraConfig,
+    TKIConfig,
+    TKITrainer,
+    add_query_embeddings,
+    load_embedded_encoder,
+    load_embedded_model,
+)
+from tki_trainer.data import (
+    as_conversational,
+    fit_prompts,
+    group_references,
+    load_p3,
+    load_sni,
+    sni_from_hub_rows,
+    sni_splits,
+)
 from tki_trainer.evaluation import answer_budgets, generate_answers, score_by
 from tki_trainer.hub import render_model_card, write_model_card
 
@@ -67,7 +82,7 @@ PRESETS: dict[str, dict[str, tuple[object, str]]] = {
         "encoder": ("embedded", OURS),
         "train_data": (str(HERE / "data" / "p3_slice" / "train.jsonl.gz"), OURS),
         "eval_data": (str(HERE / "data" / "p3_slice" / "heldout.jsonl.gz"), OURS),
-        "num_train_rows": (192, OURS),
+        "num_train_rows": (128, OURS),
         "num_eval_prompts": (96, OURS),
         "num_groups": (4, OURS),
         "keys_per_group": (8, OURS),
@@ -83,8 +98,11 @@ PRESETS: dict[str, dict[str, tuple[object, str]]] = {
         "learning_rate": (2e-4, OURS),
         "num_train_epochs": (1, OURS),
         "max_length": (256, OURS),
+        "prior_inputs_steps": (3, OURS),
+        "prior_inputs_learning_rate": (1e-3, OURS),
         "use_cpu": (True, OURS),
         "bf16": (False, OURS),
+        "activation_checkpointing": (False, OURS),
     },
 }
 

@@ -5,7 +5,6 @@ import sys
 
 from conftest import tiny_llama, tiny_tokenizer, tki_config
 from test_trainer import common, rows
-
 from tki_trainer import TKIConfig, TKITrainer
 
 

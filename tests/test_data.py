@@ -6,6 +6,7 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from conftest import tiny_llama, tiny_tokenizer
 from tki_trainer.data import (
     add_query_embeddings,
     fit_prompts,
@@ -19,8 +20,6 @@ from tki_trainer.data import (
 )
 from tki_trainer.data.formats import check_prompt_completion_rows
 from tki_trainer.data.queries import query_text
-
-from conftest import tiny_llama, tiny_tokenizer
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -7,10 +7,8 @@ from datasets import Dataset
 from peft import get_peft_model
 from rouge_score import rouge_scorer
 
-from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by
-from tki_trainer.evaluation import scoring
-
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
+from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by, scoring
 
 
 PREDICTIONS = ["The cat sat on the mat.", "paris", "A skier skis down the mountains", "no idea"]
@@ -34,7 +32,7 @@ def test_scoring_touches_no_network(monkeypatch):
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)
-    scoring._modules.cache_clear()
+    scoring._module.cache_clear()
     assert score(["a b"], [["a b"]])["exact_match"] == 100.0
 
 

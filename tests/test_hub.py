@@ -4,9 +4,8 @@ import re
 
 from huggingface_hub import ModelCard
 
-from tki_trainer.hub import render_model_card
-
 from conftest import tki_config
+from tki_trainer.hub import render_model_card
 
 
 def test_model_card_renders_real_values_and_parses():

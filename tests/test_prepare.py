@@ -4,10 +4,9 @@ from pathlib import Path
 
 from datasets import load_from_disk
 
+from conftest import tiny_llama, tiny_tokenizer
 from tki_trainer.prepare import main
 from tki_trainer.reinstatement import PriorInputStore
-
-from conftest import tiny_llama, tiny_tokenizer
 
 
 FIXTURES = Path(__file__).parent / "fixtures"

@@ -5,13 +5,12 @@ import torch
 from datasets import Dataset
 from trl import SFTConfig, SFTTrainer
 
+from conftest import tiny_llama, tiny_tokenizer
+from tki_trainer.data import tokenize_row
 from tki_trainer.reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs, optimize_prior_inputs
 from tki_trainer.reinstatement.fingerprint import prompt_hash
 from tki_trainer.reinstatement.stage1 import wasserstein
 from tki_trainer.reinstatement.store import FORMAT_VERSION
-from tki_trainer.data import tokenize_row
-
-from conftest import tiny_llama, tiny_tokenizer
 
 
 ROWS = [

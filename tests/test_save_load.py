@@ -8,9 +8,8 @@ import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
-from tki_trainer import export_lora, route
-
 from conftest import tiny_llama, tki_config, trained_like
+from tki_trainer import export_lora, route
 
 
 LOAD_AND_RUN = """

@@ -4,10 +4,9 @@ from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
 
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs
 from tki_trainer.reinstatement import PriorInputConfig
-
-from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
 
 
 ROWS = [

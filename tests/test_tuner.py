@@ -5,11 +5,10 @@ import torch
 from peft import PeftConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
+from conftest import KEY_DIM, tiny_llama, tki_config, trained_like
 from tki_trainer import LatentLoraConfig, TKIModel, route
 from tki_trainer.retrieval import retrieve
 from tki_trainer.tuner import TKILayer
-
-from conftest import KEY_DIM, tiny_llama, tki_config, trained_like
 
 
 def tki_model(seed=0, **overrides):

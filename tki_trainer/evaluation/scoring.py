@@ -1,7 +1,7 @@
-"""Scores of generated answers: BLEU-4, ROUGE-1/2/L and exact match, through `evaluate` with local modules.
+"""Scores of generated answers: BLEU-4, ROUGE-1/2/L and exact match, through `evaluate` with a local module.
 
-`evaluate.load("rouge")` fetches its script from the Hub; the modules in ``metrics/`` ship with the package
-and load offline. Every example is scored against all its references (the best one counts, as in SNI).
+`evaluate.load("rouge")` fetches its script from the Hub; ``metrics/tki_answers.py`` ships with the package and
+loads offline. Every example is scored against all its references (the best one counts, as in SNI).
 """
 
 from __future__ import annotations
@@ -19,17 +19,15 @@ METRIC_NAMES = ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")
 
 
 @cache
-def _modules() -> tuple:
-    return tuple(evaluate.load(str(METRICS_DIR / f"{name}.py")) for name in ("tki_bleu", "tki_rouge", "tki_exact_match"))
+def _module() -> evaluate.EvaluationModule:
+    return evaluate.load(str(METRICS_DIR / "tki_answers.py"))
 
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """``{"bleu", "rouge1", "rouge2", "rougeL", "exact_match"}``, each x100, over the whole set."""
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"score needs one list of references per prediction; got {len(predictions)} and {len(references)}.")
-    results: dict[str, float] = {}
-    for module in _modules():
-        results.update(module.compute(predictions=list(predictions), references=[list(r) for r in references]))
+    results = _module().compute(predictions=list(predictions), references=[list(r) for r in references])
     return {name: results[name] for name in METRIC_NAMES}
 
 

@@ -150,6 +150,7 @@ def optimize_prior_inputs(
     with torch.no_grad():
         ce_final = objective()
     q = q.detach()
+    original = original.detach()
     mask = prompt_mask[:, :width]
     delta = ((q - original) * mask).flatten(1).norm(dim=1)
     relative = delta / (original * mask).flatten(1).norm(dim=1).clamp(min=1e-12)

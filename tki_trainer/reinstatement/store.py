@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
