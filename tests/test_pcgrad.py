@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from tki_trainer.optim import LazyAdamW, TouchedRows
+from tki_trainer.optim import LazyAdamW, clip_grad_norm
 from tki_trainer.pcgrad import PCGradAccumulator, project
 
 
@@ -48,45 +48,47 @@ def test_accumulator_sums_micro_batches_then_projects_once_into_grad():
     torch.testing.assert_close(torch.cat([a.grad, b.grad]), expected)
 
 
-def test_bank_rows_accumulate_like_dense_gradients():
-    """A bank whose gradients live on the retrieved rows only gives the dense computation's update."""
+def test_sparse_bank_gradients_accumulate_like_dense_ones():
+    """A bank whose gradients are row-sparse gives the dense computation's update, itself row-sparse."""
     generator = torch.Generator().manual_seed(0)
     bank, dense_bank, other = (torch.nn.Parameter(torch.zeros(6, 2)) for _ in range(3))
-    touched = TouchedRows(6)
-    sparse = PCGradAccumulator([bank, other], banks=[bank], touched=touched)
+    sparse = PCGradAccumulator([bank, other])
     reference = PCGradAccumulator([dense_bank, other])
     for rows in ([0, 4], [4, 5]):
-        touched.mark(torch.tensor(rows))
-        grads = []
-        for _ in range(2):
-            g = torch.zeros(6, 2)
-            g[rows] = torch.randn(len(rows), 2, generator=generator)
-            grads.append((g, torch.randn(6, 2, generator=generator)))
-        for objective, (g_bank, g_other) in enumerate(grads):
-            sparse.add(objective, [g_bank, g_other])
-            reference.add(objective, [g_bank, g_other])
+        for objective in range(2):
+            values = torch.randn(len(rows), 2, generator=generator)
+            g_other = torch.randn(6, 2, generator=generator)
+            sparse.add(objective, [torch.sparse_coo_tensor(torch.tensor([rows]), values, (6, 2), check_invariants=True), g_other])
+            reference.add(objective, [torch.zeros(6, 2).index_add_(0, torch.tensor(rows), values), g_other])
     sparse_projection, reference_projection = sparse.apply(), reference.apply()
-    torch.testing.assert_close(bank.grad, dense_bank.grad)
-    assert bank.grad[[1, 2, 3]].abs().sum() == 0
+    assert bank.grad.is_sparse and sorted(bank.grad.coalesce().indices()[0].tolist()) == [0, 4, 5]
+    torch.testing.assert_close(bank.grad.to_dense(), dense_bank.grad)
     assert sparse_projection.cosine == pytest.approx(reference_projection.cosine)
 
 
-def test_lazy_adamw_equals_adamw_on_touched_rows_and_leaves_the_others_alone():
+def test_lazy_adamw_equals_adamw_on_retrieved_rows_and_leaves_the_others_alone():
     generator = torch.Generator().manual_seed(1)
     start = torch.randn(5, 3, generator=generator)
     lazy_param, dense_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    touched = TouchedRows(5)
-    lazy = LazyAdamW([lazy_param], touched=touched, lazy_params=[lazy_param], lr=0.1, weight_decay=0.01)
+    lazy = LazyAdamW([lazy_param], lr=0.1, weight_decay=0.01)
     dense = torch.optim.AdamW([dense_param], lr=0.1, weight_decay=0.01)
     rows = torch.tensor([1, 3])
     for _ in range(3):
-        grad = torch.zeros(5, 3)
-        grad[rows] = torch.randn(2, 3, generator=generator)
-        lazy_param.grad, dense_param.grad = grad.clone(), grad.clone()
-        touched.mark(rows)
+        values = torch.randn(2, 3, generator=generator)
+        lazy_param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (5, 3), check_invariants=True)
+        dense_param.grad = torch.zeros(5, 3).index_add_(0, rows, values)
         lazy.step()
         dense.step()
-        touched.clear()
     torch.testing.assert_close(lazy_param[rows], dense_param[rows])
     torch.testing.assert_close(lazy_param[[0, 2, 4]], start[[0, 2, 4]])
-    assert lazy.param_groups[0]["lazy"] is True
+
+
+def test_clipping_counts_sparse_gradients_like_dense_ones():
+    a, b = torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(3))
+    values = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    a.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), values, (4, 2), check_invariants=True)
+    b.grad = torch.tensor([0.0, 12.0, 0.0])
+    total = clip_grad_norm([a, b], max_norm=1.3)
+    assert float(total) == pytest.approx(13.0)
+    dense = torch.cat([a.grad.to_dense().flatten(), b.grad])
+    assert float(dense.norm()) == pytest.approx(1.3, rel=1e-4)

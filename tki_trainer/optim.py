@@ -1,10 +1,10 @@
-"""Optimizer updates that touch only the latent increments an effective batch retrieved.
+"""AdamW that updates only the latent increments an effective batch retrieved.
 
 Each example trains ``k`` of the bank's ``M`` increments, but dense AdamW updates every row of every bank
-tensor at every step, so its cost grows with ``M``. `LazyAdamW` is AdamW with lazy semantics on the bank:
-a row's moments, decay and update advance only at steps where the row was retrieved (as TensorFlow's
-LazyAdam and PyTorch's SparseAdam), with the global step count in the bias correction. Every other
-parameter gets torch's own AdamW step.
+tensor at every step, so its cost grows with ``M``. The banks' gradients are row-sparse, and `LazyAdamW` is
+AdamW with lazy semantics on them: a row's moments, decay and update advance only at steps where the row has a
+gradient (as TensorFlow's LazyAdam and PyTorch's SparseAdam), with the parameter's step count in the bias
+correction. Parameters with dense gradients get torch's own AdamW step.
 """
 
 from __future__ import annotations
@@ -12,67 +12,24 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
-
-
-class TouchedRows:
-    """The bank rows retrieved since the last optimizer step, as a mask over the ``M`` latent tasks."""
-
-    def __init__(self, num_rows: int) -> None:
-        self.mask = torch.zeros(num_rows, dtype=torch.bool)
-
-    def mark(self, indices: torch.Tensor) -> None:
-        self.mask[indices.flatten().cpu()] = True
-
-    def local_rows(self) -> torch.Tensor:
-        """Indices of the rows this process touched."""
-        return self.mask.nonzero().flatten()
-
-    def rows(self) -> torch.Tensor:
-        """Indices of the touched rows; with several processes, of the rows any process touched (a collective)."""
-        mask = self.mask
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            mask = mask.to(torch.uint8)
-            dist.all_reduce(mask, op=dist.ReduceOp.MAX)
-            mask = mask.bool()
-        return mask.nonzero().flatten()
-
-    def clear(self) -> None:
-        self.mask.zero_()
 
 
 class LazyAdamW(torch.optim.AdamW):
-    """AdamW whose parameter groups marked ``lazy=True`` (the latent banks, rows along dim 0) update only the rows
-    in ``touched``; other groups take torch's AdamW step unchanged."""
-
-    def __init__(self, params, touched: TouchedRows, lazy_params: list[torch.nn.Parameter] = (), **kwargs) -> None:
-        """``params`` as for AdamW; the ``lazy_params`` among them move to groups of their own marked ``lazy``."""
-        groups = list(params)
-        groups = groups if groups and isinstance(groups[0], dict) else [{"params": groups}]
-        lazy_ids = {id(p) for p in lazy_params}
-        split = []
-        for group in groups:
-            for lazy in (False, True):
-                members = [p for p in group["params"] if (id(p) in lazy_ids) == lazy]
-                if members:
-                    split.append({**group, "params": members, "lazy": lazy})
-        super().__init__(split, **kwargs)
-        self.touched = touched
+    """`torch.optim.AdamW`, plus lazy row updates for parameters whose gradient is sparse."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        lazy = [(group, p, p.grad) for group in self.param_groups if group.get("lazy") for p in group["params"] if p.grad is not None]
-        for _, p, _ in lazy:
+        sparse = [(group, p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+        for _, p, _ in sparse:
             p.grad = None
         loss = super().step(closure)
-        rows = self.touched.rows() if lazy else None
-        for group, p, grad in lazy:
-            self._lazy_update(group, p, grad, rows.to(p.device))
+        for group, p, grad in sparse:
+            self._lazy_update(group, p, grad.coalesce())
             p.grad = grad
         return loss
 
-    def _lazy_update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, rows: torch.Tensor) -> None:
-        """AdamW's update, written out, on ``rows`` of ``p`` only."""
+    def _lazy_update(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW's update, written out, on the rows ``grad`` holds."""
         state = self.state[p]
         if not state:
             state["step"] = torch.zeros((), dtype=torch.float32)
@@ -82,7 +39,8 @@ class LazyAdamW(torch.optim.AdamW):
         step = float(state["step"])
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
-        values, g = p.index_select(0, rows), grad.index_select(0, rows)
+        rows, g = grad.indices()[0], grad.values()
+        values = p.index_select(0, rows)
         exp_avg = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
         exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
         values.mul_(1 - lr * weight_decay)
@@ -91,3 +49,15 @@ class LazyAdamW(torch.optim.AdamW):
         p.index_copy_(0, rows, values)
         state["exp_avg"].index_copy_(0, rows, exp_avg)
         state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+
+
+def clip_grad_norm(parameters: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """`torch.nn.utils.clip_grad_norm_` (2-norm over all gradients) that also takes sparse gradients."""
+    grads = [p.grad.coalesce() if p.grad.is_sparse else p.grad for p in parameters if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g.values() if g.is_sparse else g, dtype=torch.float32) for g in grads]
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    coefficient = max_norm / (total + 1e-6)
+    if coefficient < 1:
+        for p, grad in zip([p for p in parameters if p.grad is not None], grads):
+            p.grad = grad * coefficient
+    return total

@@ -3,8 +3,8 @@
 Each objective's gradient is accumulated on its own over the micro-batches of an effective batch; once the
 effective batch is complete (and, on several processes, both sums are all-reduced) the pair is projected once:
 where ``g1 . g2 < 0`` each is projected onto the normal plane of the other, and the update is their sum.
-Latent banks are accumulated on the rows the batch retrieved only (the other rows' gradients are zero), so
-the cost does not grow with the bank size.
+Latent banks have row-sparse gradients and are accumulated on the rows the batch retrieved only, so the cost
+does not grow with the bank size.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-
-from .optim import TouchedRows
 
 
 @dataclass
@@ -38,19 +36,13 @@ def project(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, Projectio
 class PCGradAccumulator:
     """Per-objective gradient sums over the trainable parameters of one effective batch.
 
-    ``banks`` are parameters whose gradient is non-zero only on the ``touched`` rows (dim 0): their sums are kept
-    as (rows, values) pieces and assembled on the union of touched rows at projection time.
+    Row-sparse gradients (the latent banks') are kept as their (rows, values) pieces and assembled on the union of
+    rows at projection time, then written back as sparse gradients; the other rows are zero in both objectives and
+    do not enter the projection.
     """
 
-    def __init__(
-        self,
-        parameters: list[torch.nn.Parameter],
-        banks: list[torch.nn.Parameter] = (),
-        touched: TouchedRows | None = None,
-    ) -> None:
+    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
         self.parameters = parameters
-        self.is_bank = [any(p is bank for bank in banks) for p in parameters]
-        self.touched = touched
         self._reset()
 
     def _reset(self) -> None:
@@ -66,53 +58,66 @@ class PCGradAccumulator:
 
     def add(self, objective: int, grads: list[torch.Tensor | None], scale: float = 1.0) -> None:
         """Add one backward's gradients, times ``scale``, to objective ``objective`` (0: SFT, 1: reinstatement)."""
-        rows = self.touched.local_rows() if self.touched is not None and any(self.is_bank) else None
         for i, grad in enumerate(grads):
             if grad is None:
                 continue
-            if self.is_bank[i]:
-                local = rows.to(grad.device)
-                self.pieces[objective][i].append((local, grad.index_select(0, local).float() * scale))
+            if grad.is_sparse:
+                grad = grad.coalesce()
+                self.pieces[objective][i].append((grad.indices()[0], grad.values().float() * scale))
             else:
                 value = grad.float() * scale
                 current = self.dense[objective][i]
                 self.dense[objective][i] = value if current is None else current + value
 
-    def _flat(self, objective: int, rows: torch.Tensor | None) -> torch.Tensor:
+    def _sparse_rows(self, index: int) -> torch.Tensor | None:
+        """Rows any objective (on any process: a collective) touched of a sparse parameter; None for dense ones."""
+        pieces = self.pieces[0][index] + self.pieces[1][index]
+        is_sparse = torch.tensor([float(bool(pieces))])
+        mask = torch.zeros(self.parameters[index].shape[0], dtype=torch.uint8)
+        for rows, _ in pieces:
+            mask[rows.cpu()] = 1
+        if _distributed():
+            dist.all_reduce(is_sparse, op=dist.ReduceOp.MAX)
+            dist.all_reduce(mask, op=dist.ReduceOp.MAX)
+        return mask.nonzero().flatten().to(self.parameters[index].device) if is_sparse.item() else None
+
+    def _flat(self, objective: int, rows: list[torch.Tensor | None]) -> torch.Tensor:
         parts = []
         for i, p in enumerate(self.parameters):
-            if self.is_bank[i]:
-                position = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
-                position[rows] = torch.arange(len(rows), device=p.device)
-                summed = torch.zeros((len(rows), *p.shape[1:]), device=p.device)
-                for piece_rows, values in self.pieces[objective][i]:
-                    summed.index_add_(0, position[piece_rows], values)
-                parts.append(summed.flatten())
-            else:
+            if rows[i] is None:
                 value = self.dense[objective][i]
                 parts.append((value if value is not None else torch.zeros_like(p, dtype=torch.float32)).flatten())
+                continue
+            position = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
+            position[rows[i]] = torch.arange(len(rows[i]), device=p.device)
+            summed = torch.zeros((len(rows[i]), *p.shape[1:]), device=p.device)
+            for piece_rows, values in self.pieces[objective][i]:
+                summed.index_add_(0, position[piece_rows], values)
+            parts.append(summed.flatten())
         return torch.cat(parts)
 
     def apply(self) -> Projection:
         """All-reduce (mean) both sums across processes, project, and write the update into ``.grad``."""
-        rows = self.touched.rows() if self.touched is not None and any(self.is_bank) else None
-        if rows is not None:
-            rows = rows.to(self.parameters[0].device)
+        rows = [self._sparse_rows(i) for i in range(len(self.parameters))]
         g1, g2 = self._flat(0, rows), self._flat(1, rows)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        if _distributed():
             pair = torch.stack([g1, g2])
             dist.all_reduce(pair)
             g1, g2 = pair / dist.get_world_size()
         update, projection = project(g1, g2)
         offset = 0
-        for i, p in enumerate(self.parameters):
-            if self.is_bank[i]:
-                size = len(rows) * p[0].numel()
-                values = update[offset : offset + size].view(len(rows), *p.shape[1:])
-                p.grad = torch.zeros_like(p).index_copy_(0, rows, values.to(p.dtype))
-            else:
+        for p, touched in zip(self.parameters, rows):
+            if touched is None:
                 size = p.numel()
                 p.grad = update[offset : offset + size].view_as(p).to(p.dtype)
+            else:
+                size = len(touched) * p[0].numel()
+                values = update[offset : offset + size].view(len(touched), *p.shape[1:]).to(p.dtype)
+                p.grad = torch.sparse_coo_tensor(touched.unsqueeze(0), values, p.shape, is_coalesced=True, check_invariants=False)
             offset += size
         self._reset()
         return projection
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1

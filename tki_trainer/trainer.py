@@ -14,14 +14,14 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import LoraConfig, PeftConfig, PeftModel
-from transformers import PreTrainedModel, TrainerCallback
+from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from .collator import GROUP_IDS, PRIOR_DELTAS, QUERY_EMBEDDINGS, TKICollator
 from .config import TKIConfig
 from .data.formats import check_prompt_completion_rows
 from .data.queries import add_query_embeddings
-from .optim import LazyAdamW, TouchedRows
+from .optim import LazyAdamW, clip_grad_norm
 from .pcgrad import PCGradAccumulator
 from .reinstatement import PriorInputStore, compute_prior_inputs, optimize_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
@@ -111,14 +111,16 @@ class TKITrainer(SFTTrainer):
             store=self._store,
         )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        banks = [p for n, p in self.model.named_parameters() if p.requires_grad and "tki_latent_" in n]
-        self._touched = TouchedRows(find_tuner(self.model).peft_config[self._adapter].num_latent_tasks) if args.lta else None
-        self._pcgrad = PCGradAccumulator(trainable, banks, self._touched) if args.kr and args.pcgrad else None
-        if self._touched is not None:
-            self.add_callback(_ClearTouchedRows(self._touched))
+        self._pcgrad = PCGradAccumulator(trainable) if args.kr and args.pcgrad else None
+        if args.lta and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-            if self.optimizer is None and self.optimizer_cls_and_kwargs is None and optimizer_cls is torch.optim.AdamW:
-                self.optimizer_cls_and_kwargs = (LazyAdamW, {**optimizer_kwargs, "touched": self._touched, "lazy_params": banks})
+            if optimizer_cls is not torch.optim.AdamW:
+                raise ValueError(
+                    f"lta=True trains the latent bank with row-sparse gradients, which optim={args.optim!r} does not take: "
+                    "use optim='adamw_torch' (the bank then gets lazy AdamW updates) or pass an optimizer that accepts "
+                    "sparse gradients through `optimizers=`."
+                )
+            self.optimizer_cls_and_kwargs = (LazyAdamW, optimizer_kwargs)
 
     # Construction -------------------------------------------------------------------------------------------------
 
@@ -319,6 +321,18 @@ class TKITrainer(SFTTrainer):
             self._metrics["train"]["pcgrad_cosine"].append(projection.cosine)
         return (objectives.sft + alpha * objectives.reinstatement).detach()
 
+    def _clip_grad_norm(self, model):
+        """The Trainer's clipping, for gradients that include the bank's sparse ones."""
+        if not self.args.lta:
+            return super()._clip_grad_norm(model)
+        self.accelerator.unscale_gradients()
+        return clip_grad_norm(list(model.parameters()), self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if grad_norm is None and self.args.lta:
+            grad_norm = clip_grad_norm(list(model.parameters()), float("inf"))
+        return super()._get_grad_norm(model, grad_norm)
+
     # Metrics -------------------------------------------------------------------------------------------------------
 
     def _log_objectives(self, objectives: Objectives, num_items_in_batch: Any) -> None:
@@ -336,7 +350,7 @@ class TKITrainer(SFTTrainer):
         return find_tuner(self.model).active_adapters[0]
 
     def _observe_routing(self, model: torch.nn.Module, mode: str) -> None:
-        """Log how evenly the batch uses the bank, and mark its retrieved rows for the lazy optimizer and PCGrad."""
+        """Log how evenly the batch uses the bank (entropy of the blend weights per latent task)."""
         if not self.args.lta:
             return
         tuner = find_tuner(model)
@@ -344,18 +358,6 @@ class TKITrainer(SFTTrainer):
         indices, weights = routing.selection(self._adapter, routing.batch_size)
         entropy = usage_entropy(indices, weights, tuner.peft_config[self._adapter].num_latent_tasks)
         self._metrics[mode]["latent_usage_entropy"].append(entropy)
-        if mode == "train":
-            self._touched.mark(indices)
-
-
-class _ClearTouchedRows(TrainerCallback):
-    """Forget the retrieved rows once the optimizer has stepped."""
-
-    def __init__(self, touched: TouchedRows) -> None:
-        self.touched = touched
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        self.touched.clear()
 
 
 @contextlib.contextmanager

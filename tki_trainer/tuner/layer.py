@@ -6,6 +6,7 @@ import math
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
@@ -15,10 +16,11 @@ from .routing import Router
 class TKILayer(BaseTunerLayer):
     """Adapter state of one targeted linear layer, keyed by adapter name as in PEFT's LoRA layer.
 
-    ``tki_lora_A``/``tki_lora_B`` hold the shared LoRA (absent where the layer has none). The bank holds
-    ``tki_latent_A[M, latent_r, in]`` and ``tki_latent_B[M, latent_r, out]``: row ``j`` of the latter is
-    ``B_j`` transposed, so that the ``k`` increments gathered for an example stack into one rank ``k*latent_r``
-    product without a copy.
+    ``tki_lora_A``/``tki_lora_B`` hold the shared LoRA (absent where the layer has none). The bank holds one row
+    per latent task: ``tki_latent_A[M, latent_r * in]`` (``A_j`` flattened) and ``tki_latent_B[M, latent_r * out]``
+    (``B_j`` transposed, flattened), so that the ``k`` increments gathered for an example stack into one rank
+    ``k*latent_r`` product without a copy, and the bank's gradient is row-sparse: only the rows an example
+    retrieved are carried, whatever the bank size.
     """
 
     adapter_layer_names = ("tki_lora_A", "tki_lora_B", "tki_latent_A", "tki_latent_B")
@@ -76,9 +78,9 @@ class TKILayer(BaseTunerLayer):
             self.latent_r[adapter_name] = latent_r
             self.latent_scaling[adapter_name] = latent_alpha / latent_r
             bound = 1.0 / math.sqrt(self.in_features)
-            self.tki_latent_A[adapter_name] = nn.Parameter(torch.zeros(num_latent_tasks, latent_r, self.in_features))
+            self.tki_latent_A[adapter_name] = nn.Parameter(torch.zeros(num_latent_tasks, latent_r * self.in_features))
             self.tki_latent_B[adapter_name] = nn.Parameter(
-                torch.empty(num_latent_tasks, latent_r, self.out_features).uniform_(-bound, bound)
+                torch.empty(num_latent_tasks, latent_r * self.out_features).uniform_(-bound, bound)
             )
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
@@ -87,16 +89,15 @@ class TKILayer(BaseTunerLayer):
         """``sum_j w_ij B_j A_j x_i`` for every row ``i`` at once, unscaled.
 
         The ``k`` increments of each row are gathered and stacked into one rank ``k*latent_r`` factor pair, so the
-        whole batch is two batched matrix products; only the gathered rows of the bank receive gradient.
+        whole batch is two batched matrix products. The gather is an embedding lookup with sparse gradients: the
+        bank's gradient holds the retrieved rows only.
         """
-        bank_a = self.tki_latent_A[adapter_name]
-        bank_b = self.tki_latent_B[adapter_name]
         rows, k = indices.shape
-        rank = bank_a.shape[1]
+        rank = self.latent_r[adapter_name]
         tokens = x.reshape(rows, -1, self.in_features)
         flat = indices.flatten()
-        a = bank_a.index_select(0, flat).reshape(rows, k * rank, self.in_features)
-        b = bank_b.index_select(0, flat).reshape(rows, k * rank, self.out_features)
+        a = F.embedding(flat, self.tki_latent_A[adapter_name], sparse=True).view(rows, k * rank, self.in_features)
+        b = F.embedding(flat, self.tki_latent_B[adapter_name], sparse=True).view(rows, k * rank, self.out_features)
         hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(tokens.dtype)
         return torch.bmm(hidden, b)
 
