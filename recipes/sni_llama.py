@@ -103,6 +103,8 @@ PRESETS: dict[str, dict[str, tuple[object, str]]] = {
         "use_cpu": (True, OURS),
         "bf16": (False, OURS),
         "activation_checkpointing": (False, OURS),
+        "save_steps": (10, OURS),
+        "save_total_limit": (1, OURS),
     },
 }
 
@@ -257,7 +259,6 @@ def main(argv: list[str] | None = None) -> dict:
         key_dim=len(train[0]["query_embedding"]),
         encoder_name=recipe.encoder if recipe.encoder != "embedded" else "sentence-transformers/all-MiniLM-L6-v2",
         encoder_dim=len(train[0]["query_embedding"]),
-        base_model_name_or_path=recipe.model_name_or_path if recipe.model_name_or_path != "embedded" else "HuggingFaceTB/SmolLM2-135M-Instruct",
     )
     adapter_dir = output_dir / "adapter"
     if (adapter_dir / "adapter_model.safetensors").is_file():
@@ -265,8 +266,9 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         trainer = TKITrainer(model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=peft_config)
         trainer.train(resume_from_checkpoint=get_last_checkpoint(str(output_dir)))
-        trainer.save_model(str(adapter_dir))
-        model = trainer.model
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        if trainer.accelerator.is_main_process:
+            model.save_pretrained(str(adapter_dir))
 
     metrics_file = output_dir / "metrics.json"
     predictions_file = output_dir / "predictions.jsonl"

