@@ -63,6 +63,12 @@ def step(trainer: TKITrainer, batch) -> float:
     return time.perf_counter() - start
 
 
+def mean_metric(trainer: TKITrainer, key: str) -> float:
+    """Mean of a metric the trainer recorded over the timed steps."""
+    values = trainer._metrics["train"][key]
+    return sum(values) / max(len(values), 1)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rounds", type=int, default=5)
@@ -74,7 +80,7 @@ def main() -> None:
     dataset = add_query_embeddings(dataset)
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        store = compute_prior_inputs(model, tokenizer, dataset, f"{tmp}/store", config=PriorInputConfig(steps=1), max_length=256)
+        store = compute_prior_inputs(model, tokenizer, dataset, f"{tmp}/store", config=PriorInputConfig(), max_length=256)
         for batch in args.batches:
             trainers = {name: build(name, batch, dataset, str(store.path), tmp) for name in CONFIGS}
             batches = {name: next(iter(t.get_train_dataloader())) for name, t in trainers.items()}
@@ -86,27 +92,31 @@ def main() -> None:
                 for name in names[round_number % len(names):] + names[: round_number % len(names)]:
                     times[name].append(step(trainers[name], batches[name]))
             median = {name: statistics.median(v) for name, v in times.items()}
-            q_wins = trainers["tki"]._metrics["train"]["reinst_q_win_rate"]
             results[f"micro_batch_{batch}"] = {
                 "median_seconds": median,
                 "seconds": times,
                 "ratios": {name: median[name] / median["sft"] for name in CONFIGS},
                 "m192_over_m32": median["tki_m192"] / median["tki"],
-                "reinst_q_win_rate": sum(q_wins) / max(len(q_wins), 1),
+                "reinst_q_win_rate": {name: mean_metric(trainers[name], "reinst_q_win_rate") for name in ("kr", "tki")},
+                "backward_passes": {name: mean_metric(trainers[name], "pcgrad_backward_passes") for name in ("kr", "tki")},
             }
             del trainers
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     lines = [
         "TKITrainer step (forward, backward, PCGrad, AdamW) over LoRA SFT, embedded SmolLM2-135M, P3 rows <= 256 tokens,",
         f"median of {args.rounds} interleaved rounds. Targets: LTA-only <= 1.10, full TKI <= 2.2, M=192 / M=32 <= 1.05.",
+        "Backward passes per micro-batch: 1 when the real prompt is harder for every example, 2 when the prior input",
+        "is for every example, 3 for a mixed micro-batch (prior inputs from the default stage 1).",
         "",
-        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI M=192 / M=32 | SFT s/step | q-win rate |",
-        "|---|---|---|---|---|---|---|",
+        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI M=192 / M=32 | SFT s/step | backward passes KR, TKI | q-win rate KR, TKI |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for key, r in results.items():
         lines.append(
             f"| {key.rsplit('_', 1)[1]} | {r['ratios']['lta']:.3f} | {r['ratios']['kr']:.3f} | {r['ratios']['tki']:.3f} | "
-            f"{r['m192_over_m32']:.3f} | {r['median_seconds']['sft']:.2f} | {r['reinst_q_win_rate']:.2f} |"
+            f"{r['m192_over_m32']:.3f} | {r['median_seconds']['sft']:.2f} | "
+            f"{r['backward_passes']['kr']:.2f}, {r['backward_passes']['tki']:.2f} | "
+            f"{r['reinst_q_win_rate']['kr']:.2f}, {r['reinst_q_win_rate']['tki']:.2f} |"
         )
     lines += ["", f"Peak resident memory of the whole run: {peak_mb:.0f} MB."]
     table = "\n".join(lines)

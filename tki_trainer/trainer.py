@@ -306,6 +306,7 @@ class TKITrainer(SFTTrainer):
             self._log_objectives(objectives, num_items_in_batch)
             q_wins = objectives.q_wins
             mixed = bool(q_wins.any()) and not bool(q_wins.all())
+            self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(mixed))
             self.accelerator.backward(objectives.sft, retain_graph=mixed)
             g1 = self._pcgrad.take_gradients()
             self._pcgrad.add(0, g1)
