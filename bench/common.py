@@ -22,7 +22,7 @@ def environment() -> dict:
         "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in LIBRARIES},
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([*(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")), Path(sys.executable).name, *sys.argv]),
     }
 
 

@@ -307,6 +307,8 @@ class TKITrainer(SFTTrainer):
             q_wins = objectives.q_wins
             mixed = bool(q_wins.any()) and not bool(q_wins.all())
             self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(mixed))
+            if not q_wins.any():
+                objectives.ce_q = objectives.ce_q.detach()
             self.accelerator.backward(objectives.sft, retain_graph=mixed)
             g1 = self._pcgrad.take_gradients()
             self._pcgrad.add(0, g1)
