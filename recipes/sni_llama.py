@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -269,6 +270,10 @@ def main(argv: list[str] | None = None) -> dict:
         model = trainer.accelerator.unwrap_model(trainer.model)
         if trainer.accelerator.is_main_process:
             model.save_pretrained(str(adapter_dir))
+    state = PartialState()
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {}
 
     metrics_file = output_dir / "metrics.json"
     predictions_file = output_dir / "predictions.jsonl"

@@ -91,3 +91,19 @@ def test_push_without_a_token_and_an_oversized_model_fail_at_once(tmp_path, monk
         handle.truncate(2**40)
     with pytest.raises(SystemExit, match="more than the"):
         sni_llama.main(["--model_name_or_path", str(big), "--output_dir", str(tmp_path / "o")])
+
+
+def test_recipe_runs_under_two_process_data_parallel(tmp_path):
+    """`accelerate launch` with the recipe's DDP config (two CPU processes over gloo): one adapter, one evaluation."""
+    import os
+    import subprocess
+
+    argv = tiny_argv(tmp_path)
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
+               "--main_process_port", "29541", str(ROOT / "recipes" / "sni_llama.py"), *argv]
+    result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["all"]["rougeL"] >= 0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
