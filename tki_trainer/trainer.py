@@ -8,6 +8,7 @@ per-objective gradient projection (`pcgrad`). With ``lta``, ``kr`` and ``pcgrad`
 from __future__ import annotations
 
 import contextlib
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +41,9 @@ def _paper_lora_config() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
+@functools.lru_cache(maxsize=1)
 def _sentence_encoder(name: str):
+    """The query encoder, loaded once for the key dimension and for every dataset the trainer encodes."""
     if name == "embedded":
         from .embedded import load_embedded_encoder
 
