@@ -61,3 +61,22 @@ def test_routed_generation_keeps_dataset_order_and_matches_row_by_row():
     assert together == alone and all(isinstance(answer, str) for answer in together)
     with pytest.raises(ValueError, match="no 'query_embedding' column"):
         generate_answers(model, tokenizer, dataset.remove_columns("query_embedding"))
+
+
+def test_callback_logs_generation_scores_at_each_evaluation(tmp_path):
+    from tki_trainer import TKIConfig, TKITrainer
+    from tki_trainer.evaluation import GenerationEvaluationCallback
+
+    generator = torch.Generator().manual_seed(0)
+    rows = [{"id": f"r{i}", "prompt": p, "completion": c, "task": t, "references": [c.strip()],
+             "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
+            for i, (p, c, t) in enumerate([("Paris is", " the capital.", "a"), ("The island is", " land.", "b")] * 2)]
+    dataset = Dataset.from_list(rows)
+    args = TKIConfig(output_dir=str(tmp_path), max_steps=1, eval_strategy="steps", eval_steps=1, report_to="none",
+                     use_cpu=True, bf16=False, kr=False, dataset_num_proc=None, save_strategy="no", activation_checkpointing=False)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=dataset, eval_dataset=dataset,
+                         processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer.add_callback(GenerationEvaluationCallback(trainer, dataset, group_column="task", batch_size=2))
+    trainer.train()
+    logged = next(entry for entry in trainer.state.log_history if "eval_generation_rougeL" in entry)
+    assert {"eval_generation_bleu", "eval_generation_a_rougeL", "eval_generation_b_exact_match"} <= set(logged)
