@@ -33,7 +33,6 @@ from tki_trainer import (
     TKIConfig,
     TKITrainer,
     add_query_embeddings,
-    load_embedded_encoder,
     load_embedded_model,
 )
 from tki_trainer.data import (
@@ -45,6 +44,7 @@ from tki_trainer.data import (
     sni_from_hub_rows,
     sni_splits,
 )
+from tki_trainer.embedded import load_query_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score_by
 from tki_trainer.hub import render_model_card, write_model_card
 
@@ -242,7 +242,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     model, tokenizer = load_model(recipe, config)
     train, evaluation, group = load_data(recipe, config, tokenizer)
-    encoder = load_embedded_encoder() if recipe.encoder == "embedded" else _sentence_transformer(recipe.encoder)
+    encoder = load_query_encoder(recipe.encoder)
     cache = output_dir / "_tki_cache" / "queries"
     train = add_query_embeddings(train, encoder, cache_dir=cache)
     evaluation = add_query_embeddings(evaluation, encoder, cache_dir=cache)
@@ -313,12 +313,6 @@ def results_table(metrics: dict[str, dict[str, float]], group: str) -> str:
     for name, values in metrics.items():
         lines.append(f"| {name} | " + " | ".join(f"{values[k]:.1f}" for k in ("bleu", "rouge1", "rouge2", "rougeL", "exact_match")) + " |")
     return "\n".join(lines)
-
-
-def _sentence_transformer(name: str):
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(name)
 
 
 if __name__ == "__main__":

@@ -113,3 +113,13 @@ def embedded_lora_config(**overrides) -> LatentLoraConfig:
         encoder_dim=ENCODER_DIM,
     )
     return LatentLoraConfig(**{**values, **overrides})
+
+
+def load_query_encoder(name: str, device: str | None = None):
+    """A query encoder by name: ``"embedded"`` for the packaged all-MiniLM-L6-v2, else any sentence-transformers
+    model name or path."""
+    if name == "embedded":
+        return load_embedded_encoder(device)
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(name, device=device)

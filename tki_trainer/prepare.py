@@ -19,7 +19,7 @@ from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
 from .data import add_query_embeddings, fit_prompts, load_local, load_p3
-from .embedded import load_embedded_encoder, load_embedded_model
+from .embedded import load_embedded_model, load_query_encoder
 from .reinstatement import PriorInputConfig, compute_prior_inputs
 from .reinstatement.stage1 import DEFAULT_MAX_LENGTH
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
             dataset = load_from_disk(str(dataset_dir))
         else:
             dataset, report = fit_prompts(load_rows(args), tokenizer, args.max_length, args.overlong) if args.max_length else (load_rows(args), None)
-            encoder = load_embedded_encoder() if args.encoder == "embedded" else _sentence_transformer(args.encoder)
+            encoder = load_query_encoder(args.encoder)
             dataset = add_query_embeddings(dataset, encoder, cache_dir=output_dir / "_cache")
             if state.is_main_process:
                 dataset.save_to_disk(str(dataset_dir))
@@ -89,12 +89,6 @@ def main(argv: list[str] | None = None) -> None:
     store = compute_prior_inputs(model, tokenizer, dataset, output_dir / "prior_inputs", config=config, max_length=args.max_length)
     state.print(f"dataset with query embeddings: {dataset_dir} ({len(dataset)} rows)")
     state.print(f"prior inputs: {store.path}\n{json.dumps(store.summary(), indent=2)}")
-
-
-def _sentence_transformer(name: str):
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(name)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from .collator import GROUP_IDS, PRIOR_DELTAS, QUERY_EMBEDDINGS, TKICollator
 from .config import TKIConfig
 from .data.formats import check_prompt_completion_rows
 from .data.queries import add_query_embeddings
+from .embedded import load_query_encoder
 from .optim import LazyAdamW, clip_grad_norm
 from .pcgrad import PCGradAccumulator
 from .reinstatement import PriorInputStore, compute_prior_inputs, optimize_prior_inputs
@@ -41,16 +42,8 @@ def _paper_lora_config() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
-@functools.lru_cache(maxsize=1)
-def _sentence_encoder(name: str):
-    """The query encoder, loaded once for the key dimension and for every dataset the trainer encodes."""
-    if name == "embedded":
-        from .embedded import load_embedded_encoder
-
-        return load_embedded_encoder()
-    from sentence_transformers import SentenceTransformer
-
-    return SentenceTransformer(name)
+_sentence_encoder = functools.lru_cache(maxsize=1)(load_query_encoder)
+"""The query encoder, loaded once for the key dimension and for every dataset the trainer encodes."""
 
 
 class TKITrainer(SFTTrainer):
