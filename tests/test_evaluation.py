@@ -1,5 +1,6 @@
 import socket
 
+import numpy as np
 import pytest
 import sacrebleu
 import torch
@@ -8,7 +9,8 @@ from peft import get_peft_model
 from rouge_score import rouge_scorer
 
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
-from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by, scoring
+from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by, score_examples, scoring
+from tki_trainer.evaluation.comparison import paired_bootstrap
 
 
 PREDICTIONS = ["The cat sat on the mat.", "paris", "A skier skis down the mountains", "no idea"]
@@ -24,6 +26,15 @@ def test_metrics_equal_rouge_score_and_sacrebleu_computed_directly():
     streams = [[refs[0] for refs in REFERENCES], [refs[1] if len(refs) > 1 else None for refs in REFERENCES]]
     assert result["bleu"] == pytest.approx(sacrebleu.corpus_bleu(PREDICTIONS, streams, tokenize="13a").score)
     assert result["exact_match"] == 25.0
+
+
+def test_per_example_scores_are_each_examples_best_reference_and_average_to_the_corpus_score():
+    rows = score_examples(PREDICTIONS, REFERENCES)
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    assert rows["rougeL"] == pytest.approx([100 * max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)])
+    assert rows["exact_match"] == [0.0, 100.0, 0.0, 0.0]
+    corpus = score(PREDICTIONS, REFERENCES)
+    assert all(sum(rows[key]) / len(PREDICTIONS) == pytest.approx(corpus[key]) for key in rows)
 
 
 def test_scoring_touches_no_network(monkeypatch):
@@ -80,3 +91,17 @@ def test_callback_logs_generation_scores_at_each_evaluation(tmp_path):
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "eval_generation_rougeL" in entry)
     assert {"eval_generation_bleu", "eval_generation_a_rougeL", "eval_generation_b_exact_match"} <= set(logged)
+
+
+def test_paired_bootstrap_on_a_constant_shift_and_on_noise():
+    rng = np.random.default_rng(0)
+    b = np.repeat(rng.normal(30, 35, size=(1, 400)), 3, axis=0)
+    shifted = paired_bootstrap(b + 1.5, b)
+    assert (shifted.difference, shifted.low, shifted.high) == pytest.approx((1.5, 1.5, 1.5))
+    assert shifted.verdict == "a better"
+    single = paired_bootstrap(b[:1] + rng.normal(0, 20, size=(1, 400)), b[:1])
+    assert single.standard_error == pytest.approx(20 / np.sqrt(400), rel=0.15)
+    assert single.low < single.difference < single.high
+    assert single.detectable == pytest.approx(2.8 * single.standard_error, rel=0.01)
+    with pytest.raises(ValueError, match="same examples"):
+        paired_bootstrap(b[:, :10], b[:, :11])

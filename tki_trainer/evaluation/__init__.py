@@ -2,7 +2,7 @@
 
 from .callback import GenerationEvaluationCallback
 from .generation import answer_budgets, generate_answers
-from .scoring import METRIC_NAMES, score, score_by
+from .scoring import METRIC_NAMES, score, score_by, score_examples
 
 
-__all__ = ["GenerationEvaluationCallback", "METRIC_NAMES", "answer_budgets", "generate_answers", "score", "score_by"]
+__all__ = ["GenerationEvaluationCallback", "METRIC_NAMES", "answer_budgets", "generate_answers", "score", "score_by", "score_examples"]

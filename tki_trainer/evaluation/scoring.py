@@ -25,10 +25,20 @@ def _module() -> evaluate.EvaluationModule:
 
 def score(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, float]:
     """``{"bleu", "rouge1", "rouge2", "rougeL", "exact_match"}``, each x100, over the whole set."""
+    results = _compute(predictions, references)
+    return {name: results[name] for name in METRIC_NAMES}
+
+
+def score_examples(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict[str, list[float]]:
+    """Each example's ``rouge1``, ``rouge2``, ``rougeL`` and ``exact_match`` (x100): what paired comparisons of two
+    systems resample. BLEU is a corpus statistic and has no per-example value."""
+    return _compute(predictions, references, per_example=True)["per_example"]
+
+
+def _compute(predictions: Sequence[str], references: Sequence[Sequence[str]], **options) -> dict:
     if len(predictions) != len(references) or not predictions:
         raise ValueError(f"score needs one list of references per prediction; got {len(predictions)} and {len(references)}.")
-    results = _module().compute(predictions=list(predictions), references=[list(r) for r in references])
-    return {name: results[name] for name in METRIC_NAMES}
+    return _module().compute(predictions=list(predictions), references=[list(r) for r in references], **options)
 
 
 def score_by(
