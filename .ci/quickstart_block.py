@@ -4,6 +4,7 @@ import re
 import sys
 from pathlib import Path
 
+
 section = re.search(r"^## Quick start\n(.*?)(?=^## )", Path("README.md").read_text(), re.S | re.M).group(1)
 blocks = re.findall(r"^```bash\n(.*?)^```", section, re.S | re.M)
 if len(blocks) != 2:

@@ -32,7 +32,7 @@ from peft import LoraConfig, PeftModel
 
 from common import RESULTS, write_results
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lora_config, load_embedded_model
-from tki_trainer._io import staged_directory
+from tki_trainer._io import staged_directory, staged_file
 from tki_trainer.data import (
     add_query_embeddings,
     as_conversational,
@@ -111,10 +111,8 @@ def load_record(name: str) -> dict:
 
 
 def save_record(name: str, record: dict) -> None:
-    RUNS.mkdir(parents=True, exist_ok=True)
-    temporary = RUNS / f".{name}.json.tmp"
-    temporary.write_text(json.dumps(record, indent=1) + "\n")
-    temporary.replace(RUNS / f"{name}.json")
+    with staged_file(RUNS / f"{name}.json") as staging:
+        staging.write_text(json.dumps(record, indent=1) + "\n")
 
 
 def train(method: str, lr: float, seed: int, data: Data, store: Path, work_dir: Path) -> dict:
@@ -327,6 +325,16 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict) -> str:
         for name, c in comparisons.items():
             label, test = name.rsplit("_", 1)
             lines.append(f"| {label.replace('_minus_', ' − ')} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | {c['detectable']:.2f} | {c['verdict'].replace('a better', 'first better').replace('b better', 'second better')} |")
+    if "tki_minus_sft_heldout" in comparisons:
+        c = comparisons["tki_minus_sft_heldout"]
+        met = c["difference"] >= 1.0 and c["low"] > 0
+        lines += ["", f"Target TKI − SFT >= +1.0 ROUGE-L on the held-out clusters with the interval above 0: "
+                  f"{'met' if met else 'not met'} ({c['difference']:+.2f}, [{c['low']:+.2f}, {c['high']:+.2f}], {c['verdict'].replace('a better', 'TKI better').replace('b better', 'SFT better')})."]
+        ablations = {k: v for k, v in comparisons.items() if k.startswith("tki_no") and k.endswith("heldout")}
+        if ablations:
+            below = [k.split("_minus_")[0] for k, v in ablations.items() if v["difference"] < 0]
+            lines.append(f"Target: each ablation below full TKI on the held-out clusters: {len(below)} of {len(ablations)} below "
+                         f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved.")
     if validation:
         lines += ["", "Validation ROUGE-L (learning-rate choice, seed 0): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0"))]
     return "\n".join(lines)

@@ -46,7 +46,7 @@ from tki_trainer.data import (
 )
 from tki_trainer.embedded import load_query_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score_by
-from tki_trainer.hub import render_model_card, write_model_card
+from tki_trainer.hub import push_adapter, render_model_card, write_model_card
 
 
 HERE = Path(__file__).parent
@@ -164,7 +164,7 @@ def parse(argv: list[str]) -> tuple[RecipeArguments, TKIConfig, dict[str, dict]]
                 origin = defaults[key][1]
             else:
                 continue
-            resolved[key] = {"value": value, "origin": origin}
+            resolved[key] = {"value": "<redacted>" if key.endswith("_token") and value else value, "origin": origin}
     return recipe, config, resolved
 
 
@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"x100, best over each prompt's references:\n\n{table}",
     ))
     if config.push_to_hub:
-        model.push_to_hub(repo_id, token=config.hub_token)
+        push_adapter(adapter_dir, repo_id, token=config.hub_token, revision=config.hub_revision, private=config.hub_private_repo)
 
     print(f"\nadapter: {adapter_dir}\npredictions: {predictions_file}\nmetrics: {metrics_file}\nresolved config: {output_dir / 'resolved_config.json'}")
     print(f"\n{table}\n\ntotal {time.time() - start:.0f} s")

@@ -1,11 +1,29 @@
-"""The model card: rendered with a run's values, every field filled, metadata readable by huggingface_hub."""
+"""Sharing: the model card, and push / load against a local endpoint that speaks the Hub's HTTP API."""
 
+import hashlib
+import logging
+import os
 import re
+import subprocess
+import sys
+from pathlib import Path
 
+import huggingface_hub
+import pytest
+import torch
 from huggingface_hub import ModelCard
+from safetensors.torch import load_file
 
-from conftest import tki_config
-from tki_trainer.hub import render_model_card
+from conftest import tiny_llama, tiny_tokenizer, tki_config
+from hub_load import routed_logits
+from hub_server import LocalHub
+from test_trainer import common, rows
+from tki_trainer import TKIConfig, TKITrainer
+from tki_trainer.hub import PushError, push_adapter, render_model_card
+
+
+TESTS = Path(__file__).parent
+TOKEN = "hf_" + "q7ZtokenNeverWritten" * 2
 
 
 def test_model_card_renders_real_values_and_parses():
@@ -16,3 +34,114 @@ def test_model_card_renders_real_values_and_parses():
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert {"peft", "trl", "tki"} <= set(card.data.tags) and card.data.library_name == "peft"
     assert "3 x 4 = 12" in text and "user/tki-smol" in text and "| all | 30.1 |" in text
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """The local endpoint, with this process's huggingface_hub pointed at it (uploads over Git LFS, not Xet)."""
+    with LocalHub(tmp_path / "hub", TOKEN) as server:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        yield server
+
+
+def trained(tmp_path, **overrides) -> TKITrainer:
+    args = TKIConfig(**common(tmp_path, "run", max_steps=2, eval_strategy="steps", eval_steps=2, **overrides), kr=False)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), eval_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer.train()
+    return trainer
+
+
+def load_in_fresh_process(hub: LocalHub, tmp_path: Path, repo_id: str, revision: str, offline: bool = False) -> torch.Tensor:
+    env = {
+        **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1" if offline else "0",
+        "PYTHONPATH": str(TESTS), "HF_HUB_VERBOSITY": "debug",
+    }
+    output = tmp_path / f"logits-{revision}-{offline}.safetensors"
+    result = subprocess.run([sys.executable, str(TESTS / "hub_load.py"), repo_id, revision, str(output)], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert TOKEN not in result.stdout + result.stderr
+    return load_file(output)["logits"]
+
+
+def repo_files(hub: LocalHub, repo_id: str, revision: str = "main") -> set[str]:
+    return set(hub.store.resolve(repo_id, revision)[1])
+
+
+def every_file(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file()]
+
+
+def test_push_then_load_by_repo_id_at_head_at_a_pinned_revision_and_offline(tmp_path, hub, caplog):
+    caplog.set_level(logging.DEBUG)
+    trainer = trained(tmp_path)
+    model = trainer.model.eval()
+    first_logits = routed_logits(model)
+    query = torch.randn(16, generator=torch.Generator().manual_seed(5))
+    first = trainer.push_to_hub(token=TOKEN, plain_lora_query=query)
+
+    uploaded = repo_files(hub, "user/run")
+    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "plain_lora/adapter_config.json"} <= uploaded
+    assert not [name for name in uploaded if name.endswith((".bin", ".pt", ".pth")) or name.startswith(("_", "checkpoint-"))]
+    assert (tmp_path / "run" / "training_args.bin").is_file()
+    card_text = hub.store.blob(hub.store.resolve("user/run", "main")[1]["README.md"]["oid"]).decode()
+    card = ModelCard(card_text)
+    assert {"peft", "trl", "tki"} <= set(card.data.tags) and not re.search(r"\{[a-z_]+\}", card_text)
+    assert "| loss |" in card_text and "3 x 4 = 12" in card_text
+
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "tki_latent_A" in name:
+                parameter.add_(0.05)
+    second_logits = routed_logits(model)
+    model.save_pretrained(str(tmp_path / "second"))
+    push_adapter(tmp_path / "second", "user/run", token=TOKEN, commit_message="second")
+
+    assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", "-"), second_logits, atol=1e-6)
+    assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", first.oid), first_logits, atol=1e-6)
+    served = len(hub.requests)
+    assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", first.oid, offline=True), first_logits, atol=1e-6)
+    assert len(hub.requests) == served, "the offline load reached the endpoint"
+    assert not torch.allclose(first_logits, second_logits)
+
+    logs = caplog.text + "".join(record.getMessage() for record in caplog.records)
+    assert TOKEN not in logs
+    leaks = [path for path in every_file(tmp_path) if TOKEN.encode() in path.read_bytes()]
+    assert not leaks
+
+
+def test_a_failed_push_names_the_rerun_hides_the_token_and_leaves_the_output_as_it_was(tmp_path, hub):
+    trainer = trained(tmp_path)
+    trainer.save_model()
+    before = {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in every_file(tmp_path / "run")}
+    wrong = "hf_" + "wrongTokenValue" * 2
+    with pytest.raises(PushError) as failure:
+        push_adapter(tmp_path / "run", "user/run", token=wrong)
+    assert "rerun" in str(failure.value) and wrong not in str(failure.value) and failure.value.__cause__ is None
+    assert {path: hashlib.sha256(path.read_bytes()).hexdigest() for path in every_file(tmp_path / "run")} == before
+    assert not hub.store.exists("user/run")
+
+
+def test_the_prior_input_store_is_uploaded_only_when_asked(tmp_path, hub):
+    trainer = trained(tmp_path)
+    trainer.save_model()
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "store.json").write_text("{}")
+    (store / "shard-0-0.safetensors").write_bytes(b"\0" * 16)
+    push_adapter(tmp_path / "run", "user/without", token=TOKEN)
+    push_adapter(tmp_path / "run", "user/with", token=TOKEN, prior_inputs=store)
+    assert not any(name.startswith("prior_inputs/") for name in repo_files(hub, "user/without"))
+    assert {"prior_inputs/store.json", "prior_inputs/shard-0-0.safetensors"} <= repo_files(hub, "user/with")
+    with pytest.raises(ValueError, match="no store.json"):
+        push_adapter(tmp_path / "run", "user/with", token=TOKEN, prior_inputs=tmp_path)
+    with pytest.raises(ValueError, match="not a saved adapter"):
+        push_adapter(store, "user/with", token=TOKEN)
+
+
+def test_pushes_during_training_are_refused(tmp_path):
+    args = TKIConfig(**common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run")
+    with pytest.raises(ValueError, match="hub_strategy='end'"):
+        TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())

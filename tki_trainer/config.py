@@ -70,6 +70,14 @@ class TKIConfig(SFTConfig):
         default="group_id", metadata={"help": "Column of latent-task group ids; absent: a seeded hash of the id."}
     )
     id_column: str = field(default="id", metadata={"help": "Column of stable, unique example ids."})
+    hub_strategy: str = field(
+        default="end",
+        metadata={
+            "help": "With push_to_hub: 'end' (the only strategy TKITrainer takes) pushes once, through "
+            "trainer.push_to_hub; the Trainer's others push its pickled state during training.",
+            "choices": ["end"],
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

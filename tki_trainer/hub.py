@@ -1,12 +1,23 @@
-"""The model card of a TKI adapter, rendered from ``model_card_template.md`` with a run's real values."""
+"""Sharing a TKI adapter: its model card, rendered from ``model_card_template.md`` with a run's real values, and
+the upload of an adapter directory to the Hub."""
 
 from __future__ import annotations
 
 import os
+import re
 from importlib import resources
 from pathlib import Path
 
+from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
+from huggingface_hub.utils import filter_repo_objects
+
+from ._io import staged_file
 from .tuner import LatentLoraConfig
+
+
+PUSH_IGNORE = ("_*", "checkpoint-*", ".*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
+"""Never uploaded: caches (``_*``), the Trainer's resume checkpoints, hidden files, and anything pickled
+(``training_args.bin``, ``optimizer.pt``, ...)."""
 
 
 def _template() -> str:
@@ -52,4 +63,64 @@ def render_model_card(
 
 def write_model_card(adapter_dir: str | os.PathLike, text: str) -> None:
     """Replace PEFT's generic ``README.md`` in the adapter directory."""
-    (Path(adapter_dir) / "README.md").write_text(text)
+    with staged_file(Path(adapter_dir) / "README.md") as staging:
+        staging.write_text(text)
+
+
+class PushError(RuntimeError):
+    """An upload failed; the local files are as they were."""
+
+
+def push_adapter(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    revision: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload TKI adapter",
+    prior_inputs: str | os.PathLike | None = None,
+    plain_lora: str | os.PathLike | None = None,
+) -> CommitInfo:
+    """Upload an adapter directory to the Hub as one commit, so a failed push changes nothing there either.
+
+    Uploads every file of ``folder`` except `PUSH_IGNORE` (the adapter config and safetensors, the model card,
+    tokenizer files), plus, when given, a prior-input store under ``prior_inputs/`` (it can be large) and an
+    exported plain LoRA (`export_lora`) under ``plain_lora/``. The repo is created if needed. On failure raises
+    `PushError`, whose message never holds the token.
+    """
+    folder = Path(folder)
+    missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise ValueError(f"{folder} is not a saved adapter (missing {missing}): save it with model.save_pretrained first.")
+    if prior_inputs is not None and not Path(prior_inputs, "store.json").is_file():
+        raise ValueError(f"{prior_inputs} holds no prior-input store (no store.json): pass the directory compute_prior_inputs wrote.")
+    if plain_lora is not None and not Path(plain_lora, "adapter_config.json").is_file():
+        raise ValueError(f"{plain_lora} holds no adapter: write it with tki_trainer.export_lora first.")
+    operations = _additions(folder, "")
+    operations += _additions(Path(prior_inputs), "prior_inputs") if prior_inputs is not None else []
+    operations += _additions(Path(plain_lora), "plain_lora") if plain_lora is not None else []
+    api = HfApi(token=token)
+    try:
+        repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        return api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    except Exception as error:
+        raise PushError(
+            f"Pushing {folder} to {repo_id} failed ({_redacted(str(error), token)}). The local files are unchanged: "
+            "fix the cause and rerun the push (trainer.push_to_hub() or tki_trainer.push_adapter)."
+        ) from None
+
+
+def _additions(folder: Path, path_in_repo: str) -> list[CommitOperationAdd]:
+    files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
+    return [
+        CommitOperationAdd(path_in_repo=f"{path_in_repo}/{name}".lstrip("/"), path_or_fileobj=str(folder / name))
+        for name in filter_repo_objects(files, ignore_patterns=list(PUSH_IGNORE))
+    ]
+
+
+def _redacted(text: str, token: str | None) -> str:
+    """``text`` without the token, nor anything shaped like a Hub token."""
+    if token:
+        text = text.replace(token, "***")
+    return re.sub(r"hf_[A-Za-z0-9]{8,}", "***", text)

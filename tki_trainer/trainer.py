@@ -18,18 +18,20 @@ from peft import LoraConfig, PeftConfig, PeftModel
 from transformers import PreTrainedModel
 from trl import SFTTrainer
 
+from .capture import SubsetGradients
 from .collator import GROUP_IDS, PRIOR_DELTAS, QUERY_EMBEDDINGS, TKICollator
 from .config import TKIConfig
 from .data.formats import check_prompt_completion_rows
 from .data.queries import add_query_embeddings
 from .embedded import load_query_encoder
+from .hub import push_adapter, render_model_card, write_model_card
 from .optim import LazyAdamW, clip_grad_norm
 from .pcgrad import PCGradAccumulator
 from .reinstatement import PriorInputStore, compute_prior_inputs, optimize_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
 from .reinstatement.objective import Objectives, summed_cross_entropy
 from .retrieval import hashed_group, usage_entropy
-from .tuner import LatentLoraConfig, TKIModel, route
+from .tuner import LatentLoraConfig, TKIModel, export_lora, route
 from .tuner.model import find_tuner
 
 
@@ -108,6 +110,7 @@ class TKITrainer(SFTTrainer):
         )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self._pcgrad = PCGradAccumulator(trainable) if args.kr and args.pcgrad else None
+        self._capture = SubsetGradients(self.model, trainable) if self._pcgrad is not None else None
         if args.lta and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
             if optimizer_cls is not torch.optim.AdamW:
@@ -141,6 +144,11 @@ class TKITrainer(SFTTrainer):
             raise ValueError(
                 "PCGrad needs each objective's full gradient, which DeepSpeed and FSDP shard and reduce themselves: "
                 "set pcgrad=False (LTA and KR still work) or train with DDP."
+            )
+        if args.push_to_hub and args.hub_strategy != "end":
+            raise ValueError(
+                f"hub_strategy={args.hub_strategy!r} pushes during training, which uploads the Trainer's pickled state "
+                "(training_args.bin, checkpoints): TKITrainer pushes once, with hub_strategy='end'."
             )
         if args.kr and args.completion_only_loss is False:
             raise ValueError("Knowledge reinstatement acts on the completion span only: set completion_only_loss=True (or leave it unset).")
@@ -237,11 +245,15 @@ class TKITrainer(SFTTrainer):
             return contextlib.nullcontext()
         return route(model, inputs.pop(QUERY_EMBEDDINGS), inputs.pop(GROUP_IDS))
 
-    def _objectives(self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any) -> tuple[Objectives, Any]:
-        """Both forwards of a micro-batch (real prompt, then prior input) and their per-example terms."""
+    def _objectives(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: Any, capture: SubsetGradients | None = None
+    ) -> tuple[Objectives, Any]:
+        """Both forwards of a micro-batch (real prompt, recorded by ``capture`` if given; then prior input) and
+        their per-example terms."""
         deltas = inputs.pop(PRIOR_DELTAS, None)
         inputs["use_cache"] = False
-        outputs = model(**inputs, fused_lm_head=True)
+        with capture.recording() if capture is not None else contextlib.nullcontext():
+            outputs = model(**inputs, fused_lm_head=True)
         ce_x = summed_cross_entropy(outputs)
         divisor = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
         divisor = torch.as_tensor(divisor, device=ce_x.device).clamp(min=1)
@@ -284,8 +296,10 @@ class TKITrainer(SFTTrainer):
         during backward), and with PCGrad accumulate each objective's gradient separately.
 
         PCGrad backward passes: one when the real prompt is the harder input of every example (the reinstatement
-        gradient is then ``alpha`` times the SFT one), two when the prior input is harder for every example (one
-        through each graph: the floor, always reached at micro-batch 1), three for a mixed micro-batch.
+        gradient is then ``alpha`` times the SFT one), two otherwise: one through each graph, the floor. In a
+        mixed micro-batch the real-prompt backward also yields the reinstatement share of the examples where
+        the prompt is harder (`SubsetGradients`); where that capture cannot cover every trainable parameter, a
+        mixed micro-batch takes a third backward.
         """
         with self._routing(model, inputs):
             if self._pcgrad is None:
@@ -296,22 +310,28 @@ class TKITrainer(SFTTrainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
         alpha = self.args.reinstatement_alpha
+        capture = self._capture if self._capture.supported and inputs["input_ids"].shape[0] > 1 else None
         with self.compute_loss_context_manager(), self.accelerator.no_sync(model):
             self._observe_routing(model, "train")
-            objectives, _ = self._objectives(model, inputs, num_items_in_batch)
+            objectives, _ = self._objectives(model, inputs, num_items_in_batch, capture)
             self._log_objectives(objectives, num_items_in_batch)
             q_wins = objectives.q_wins
             mixed = bool(q_wins.any()) and not bool(q_wins.all())
-            self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(mixed))
+            split = mixed and capture is not None and capture.complete
+            self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(mixed and not split))
             if not q_wins.any():
                 objectives.ce_q = objectives.ce_q.detach()
-            self.accelerator.backward(objectives.sft, retain_graph=mixed)
+            if split:
+                capture.weights = (~q_wins).float()
+            self.accelerator.backward(objectives.sft, retain_graph=mixed and not split)
             g1 = self._pcgrad.take_gradients()
             self._pcgrad.add(0, g1)
             if not q_wins.any():
                 self._pcgrad.add(1, g1, scale=alpha)
             else:
-                through = objectives.reinstatement if mixed else objectives.reinstatement_through_q
+                if split:
+                    self._pcgrad.add(1, capture.take(), scale=alpha)
+                through = objectives.reinstatement if mixed and not split else objectives.reinstatement_through_q
                 self.accelerator.backward(alpha * through)
                 self._pcgrad.add(1, self._pcgrad.take_gradients())
         if self.accelerator.sync_gradients:
@@ -331,6 +351,75 @@ class TKITrainer(SFTTrainer):
         if grad_norm is None and self.args.lta:
             grad_norm = clip_grad_norm(list(model.parameters()), float("inf"))
         return super()._get_grad_norm(model, grad_norm)
+
+    # Sharing -------------------------------------------------------------------------------------------------------
+
+    def create_model_card(self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any) -> None:
+        """With ``lta``, the TKI card (`model_card_template.md`): base model, TKI settings, data, the run's last
+        evaluation, usage for both loading paths. Without, SFTTrainer's card."""
+        if not self.args.lta:
+            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+        if not self.is_world_process_zero():
+            return None
+        config = find_tuner(self.model).peft_config[self._adapter]
+        args = self.args
+        source = f" of `{dataset_name}`" if dataset_name else ""
+        rows = len(self.train_dataset) if self.train_dataset is not None else 0
+        switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
+        training_data = (
+            f"{rows} rows{source}, at most {args.max_length} tokens, {args.num_train_epochs:g} epoch(s), learning rate "
+            f"{args.learning_rate:g}, effective batch {args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size}; "
+            f"{switches}, reinstatement alpha {args.reinstatement_alpha:g}."
+        )
+        write_model_card(args.output_dir, render_model_card(
+            config,
+            repo_id=self.hub_model_id or args.hub_model_id or model_name or Path(args.output_dir).name,
+            training_data=training_data,
+            evaluation=_evaluation_table(self.state.log_history),
+        ))
+        return None
+
+    def push_to_hub(
+        self,
+        commit_message: str | None = "End of training",
+        blocking: bool = True,
+        token: str | None = None,
+        revision: str | None = None,
+        private: bool | None = None,
+        *,
+        prior_inputs: bool = False,
+        plain_lora_query: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Upload ``output_dir`` as the Trainer does, in one commit through `tki_trainer.hub.push_adapter`: the adapter,
+        tokenizer files and the TKI model card; never ``_*`` caches, checkpoints or pickled files
+        (``training_args.bin``). ``prior_inputs=True`` adds the prior-input store under ``prior_inputs/``;
+        ``plain_lora_query`` adds `export_lora`'s plain LoRA for that query under ``plain_lora/``. The upload is
+        always blocking."""
+        self.callback_handler.on_push_begin(self.args, self.state, self.control)
+        token = token if token is not None else self.args.hub_token
+        self.save_model(_internal_call=True)
+        if not self.is_world_process_zero():
+            return None
+        self.create_model_card(**kwargs)
+        repo_id = self.hub_model_id or self.args.hub_model_id or Path(self.args.output_dir).name
+        plain_lora = None
+        if plain_lora_query is not None:
+            plain_lora = self._cache_dir / "plain_lora"
+            export_lora(self.accelerator.unwrap_model(self.model), plain_lora_query, plain_lora)
+        store = self._store.path if prior_inputs and self._store is not None else None
+        if prior_inputs and store is None:
+            raise ValueError("prior_inputs=True needs a prior-input store, which this trainer (kr=False or on_the_fly) has not.")
+        return push_adapter(
+            self.args.output_dir,
+            repo_id,
+            token=token,
+            revision=revision if revision is not None else self.args.hub_revision,
+            private=private if private is not None else self.args.hub_private_repo,
+            commit_message=commit_message or "End of training",
+            prior_inputs=store,
+            plain_lora=plain_lora,
+        )
 
     # Metrics -------------------------------------------------------------------------------------------------------
 
@@ -357,6 +446,15 @@ class TKITrainer(SFTTrainer):
         indices, weights = routing.selection(self._adapter, routing.batch_size)
         entropy = usage_entropy(indices, weights, tuner.peft_config[self._adapter].num_latent_tasks)
         self._metrics[mode]["latent_usage_entropy"].append(entropy)
+
+
+def _evaluation_table(log_history: list[dict[str, Any]]) -> str:
+    """The last evaluation the run logged, as a Markdown table (the card's "Evaluation" section)."""
+    last = next((entry for entry in reversed(log_history) if any(key.startswith("eval_") for key in entry)), None)
+    if last is None:
+        return "No evaluation was run during training."
+    rows = [f"| {key.removeprefix('eval_')} | {value:.4g} |" for key, value in last.items() if key.startswith("eval_") and isinstance(value, (int, float))]
+    return f"At step {last.get('step', '?')}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
 @contextlib.contextmanager

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -41,6 +42,8 @@ class TKILayer(BaseTunerLayer):
         self.merged_adapters = []
         self._disable_adapters = False
         self._router = router
+        self.gather_observer: Optional[Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]] = None
+        """Called with (bank, indices, gathered rows) on each gather; `tki_trainer.capture` uses it."""
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.kwargs = kwargs
@@ -96,8 +99,13 @@ class TKILayer(BaseTunerLayer):
         rank = self.latent_r[adapter_name]
         tokens = x.reshape(rows, -1, self.in_features)
         flat = indices.flatten()
-        a = F.embedding(flat, self.tki_latent_A[adapter_name], sparse=True).view(rows, k * rank, self.in_features)
-        b = F.embedding(flat, self.tki_latent_B[adapter_name], sparse=True).view(rows, k * rank, self.out_features)
+        banks = (self.tki_latent_A[adapter_name], self.tki_latent_B[adapter_name])
+        a, b = (F.embedding(flat, bank, sparse=True) for bank in banks)
+        if self.gather_observer is not None:
+            for bank, gathered in zip(banks, (a, b)):
+                self.gather_observer(bank, flat, gathered)
+        a = a.view(rows, k * rank, self.in_features)
+        b = b.view(rows, k * rank, self.out_features)
         hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(tokens.dtype)
         return torch.bmm(hidden, b)
 

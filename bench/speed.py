@@ -1,0 +1,283 @@
+"""What TKI costs over LoRA SFT on the embedded model, the embedded preset's own `LatentLoraConfig`, in one run.
+
+- Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only, full TKI, full TKI on
+  mixed micro-batches (the prior input harder for some rows, the prompt for others) and full TKI with a
+  paper-sized bank (C=16, Q=12), at micro-batch 1 and 4 on the same real P3 rows (<= 256 tokens). Timed
+  interleaved, round by round with rotating order; ratios are of medians. Each step's backward passes are
+  reported (the route it took).
+- Peak memory of each configuration's steps over SFT's, each measured in a fresh process.
+- KR stage 1 (the embedded preset's 3 steps) per example, over an SFT step per example.
+- Greedy generation throughput: the TKI adapter routed by query, plain PEFT LoRA with the same shared LoRA,
+  and the plain LoRA that `export_lora` writes for one query.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/speed.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from common import write_results
+from tki_trainer import (
+    TKIConfig,
+    TKITrainer,
+    compute_prior_inputs,
+    embedded_lora_config,
+    export_lora,
+    load_embedded_model,
+    route,
+)
+from tki_trainer.data import add_query_embeddings, as_conversational, fit_prompts, group_references, load_p3
+from tki_trainer.reinstatement import PriorInputConfig
+
+
+P3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3"
+STAGE1 = PriorInputConfig(steps=3, learning_rate=1e-3)
+CONFIGS = {
+    "sft": dict(lta=False, kr=False, pcgrad=False),
+    "lta": dict(lta=True, kr=False, pcgrad=False),
+    "kr": dict(lta=False, kr=True, pcgrad=True),
+    "tki": dict(lta=True, kr=True, pcgrad=True),
+    "tki_mixed": dict(lta=True, kr=True, pcgrad=True),
+    "tki_m192": dict(lta=True, kr=True, pcgrad=True),
+}
+
+
+def shared_lora() -> LoraConfig:
+    return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+
+
+def training_rows():
+    _, tokenizer = load_embedded_model()
+    dataset, _ = fit_prompts(load_p3(P3 / "train.jsonl.gz", limit=8, seed=2, conversational=True), tokenizer, 256)
+    return add_query_embeddings(dataset)
+
+
+def stores(work: Path, dataset) -> dict[str, Path]:
+    """The stage-1 store of the preset's setting, and a mixed one: the prior input of every other example is its
+    prompt plus noise (harder), of the others the prompt itself (never harder), so every micro-batch of 4 mixes."""
+    model, tokenizer = load_embedded_model()
+    store = compute_prior_inputs(model, tokenizer, dataset, work / "store", config=STAGE1, max_length=256)
+    mixed = compute_prior_inputs(model, tokenizer, dataset, work / "mixed", config=PriorInputConfig(learning_rate=0.0), max_length=256)
+    generator = torch.Generator().manual_seed(0)
+    ids = sorted(mixed.examples)
+    deltas = {i: torch.randn(mixed.load_delta(i).shape, generator=generator) * (0.05 if n % 2 else 0.0) for n, i in enumerate(ids)}
+    entries = {i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")} for i, e in mixed.examples.items()}
+    mixed.write_shard("999-00000", deltas, entries)
+    return {"store": store.path, "mixed": mixed.path}
+
+
+def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_dir: str) -> TKITrainer:
+    model, tokenizer = load_embedded_model()
+    switches = CONFIGS[name]
+    bank = {"num_groups": 16, "keys_per_group": 12} if name == "tki_m192" else {}
+    peft_config = embedded_lora_config(**bank) if switches["lta"] else shared_lora()
+    store = store_dirs["mixed" if name == "tki_mixed" else "store"] if switches["kr"] else None
+    args = TKIConfig(
+        output_dir=f"{output_dir}/{name}-{batch}", per_device_train_batch_size=batch, bf16=False, use_cpu=True,
+        report_to="none", max_length=256, prior_inputs_dir=str(store) if store else None,
+        activation_checkpointing=False, dataset_num_proc=None, **switches,
+    )
+    trainer = TKITrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer.create_optimizer_and_scheduler(num_training_steps=100)
+    trainer.model.train()
+    return trainer
+
+
+def step(trainer: TKITrainer, batch) -> float:
+    inputs = dict(batch)
+    num_items = (inputs["labels"][:, 1:] != -100).sum()
+    start = time.perf_counter()
+    trainer.training_step(trainer.model, inputs, num_items)
+    trainer.optimizer.step()
+    trainer.model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+def mean_metric(trainer: TKITrainer, key: str) -> float | None:
+    values = trainer._metrics["train"].get(key, [])
+    return sum(values) / len(values) if values else None
+
+
+def training_steps(dataset, store_dirs, rounds: int, batches: list[int], work: Path) -> dict:
+    results = {}
+    for batch in batches:
+        trainers = {name: build(name, batch, dataset, store_dirs, str(work)) for name in CONFIGS}
+        first = {name: next(iter(t.get_train_dataloader())) for name, t in trainers.items()}
+        for name, trainer in trainers.items():
+            step(trainer, first[name])
+            trainer._metrics["train"].clear()
+        times = {name: [] for name in CONFIGS}
+        names = list(CONFIGS)
+        for number in range(rounds):
+            for name in names[number % len(names) :] + names[: number % len(names)]:
+                times[name].append(step(trainers[name], first[name]))
+        median = {name: statistics.median(values) for name, values in times.items()}
+        results[batch] = {
+            "median_seconds": median,
+            "seconds": times,
+            "over_sft": {name: median[name] / median["sft"] for name in CONFIGS},
+            "m192_over_m32": median["tki_m192"] / median["tki"],
+            "backward_passes": {name: mean_metric(trainers[name], "pcgrad_backward_passes") for name in CONFIGS},
+            "reinst_q_win_rate": {name: mean_metric(trainers[name], "reinst_q_win_rate") for name in CONFIGS},
+        }
+        del trainers
+    return results
+
+
+def peak_memory(name: str, batch: int, work: Path) -> dict:
+    """In this fresh process: resident memory after building the trainer, and the peak over three steps."""
+    dataset = training_rows()
+    store_dirs = {"store": work / "store", "mixed": work / "mixed"}
+    trainer = build(name, batch, dataset, store_dirs, str(work / "memory"))
+    inputs = next(iter(trainer.get_train_dataloader()))
+    ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    for _ in range(3):
+        step(trainer, inputs)
+    return {"ready_mb": ready / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def memory(batches: list[int], work: Path) -> dict:
+    results = {}
+    for batch in batches:
+        for name in CONFIGS:
+            output = subprocess.run(
+                [sys.executable, __file__, "--memory_probe", name, str(batch), str(work)], capture_output=True, text=True, check=True,
+                env={**os.environ, "TQDM_DISABLE": "1"},
+            ).stdout.strip().splitlines()[-1]
+            results.setdefault(batch, {})[name] = json.loads(output)
+        sft = results[batch]["sft"]["peak_mb"] - results[batch]["sft"]["ready_mb"]
+        for values in results[batch].values():
+            values["steps_over_sft"] = (values["peak_mb"] - values["ready_mb"]) / sft
+    return results
+
+
+def stage1_cost(dataset, sft_step_seconds: float, batch: int) -> dict:
+    """Stage 1 at the preset's setting per example (fresh store), over an SFT step's share per example."""
+    model, tokenizer = load_embedded_model()
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        compute_prior_inputs(model, tokenizer, dataset, Path(tmp) / "store", config=STAGE1, max_length=256)
+        per_example = (time.perf_counter() - start) / len(dataset)
+    return {"seconds_per_example": per_example, "over_sft_step_per_example": per_example / (sft_step_seconds / batch), "steps": STAGE1.steps}
+
+
+def generation(rounds: int, work: Path, new_tokens: int = 32, batch: int = 8) -> dict:
+    """Tokens per second of greedy generation (a fixed number of new tokens) for the three loading paths."""
+    model, tokenizer = load_embedded_model()
+    held = as_conversational(group_references(load_p3(P3 / "heldout.jsonl.gz", limit=200, seed=0)))
+    held, _ = fit_prompts(held, tokenizer, 256)
+    held = add_query_embeddings(held.select(range(batch)))
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in held["prompt"]]
+    tokenizer.padding_side = "left"
+    inputs = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    queries = torch.tensor(held["query_embedding"])
+
+    tki = get_peft_model(model, embedded_lora_config()).eval()
+    export_lora(tki, queries[0], work / "exported")
+    lora_model, _ = load_embedded_model()
+    lora = get_peft_model(lora_model, shared_lora()).eval()
+    exported_model, _ = load_embedded_model()
+    exported = PeftModel.from_pretrained(exported_model, str(work / "exported")).eval()
+
+    def run(model, routed: bool) -> float:
+        start = time.perf_counter()
+        with torch.no_grad(), route(model, queries) if routed else contextlib.nullcontext():
+            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        return batch * new_tokens / (time.perf_counter() - start)
+
+    paths = {"tki_routed": (tki, True), "lora": (lora, False), "exported_lora": (exported, False)}
+    for model, routed in paths.values():
+        run(model, routed)
+    speeds = {name: [] for name in paths}
+    for number in range(rounds):
+        names = list(paths)
+        for name in names[number % 3 :] + names[: number % 3]:
+            speeds[name].append(run(*paths[name]))
+    median = {name: statistics.median(values) for name, values in speeds.items()}
+    return {
+        "tokens_per_second": median,
+        "samples": speeds,
+        "routed_over_lora": median["tki_routed"] / median["lora"],
+        "exported_over_lora": median["exported_lora"] / median["lora"],
+        "batch": batch,
+        "new_tokens": new_tokens,
+    }
+
+
+def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, rounds: int) -> str:
+    lines = [
+        "TKI over LoRA SFT, embedded SmolLM2-135M, the embedded preset's bank (C=4, Q=8, k=2, r=8 on q/v), P3 rows <= 256",
+        f"tokens; step = forward, backward(s), PCGrad, AdamW; medians of {rounds} interleaved rounds. Targets: LTA <= 1.10,",
+        "full TKI <= 2.2, M=192 / M=32 <= 1.05, routed generation >= 0.9 x LoRA.",
+        "",
+        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI mixed / SFT | TKI M=192 / M=32 | SFT s/step | backward passes KR, TKI, mixed |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for batch, r in steps.items():
+        ratio, passes = r["over_sft"], r["backward_passes"]
+        lines.append(
+            f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
+            f"{r['median_seconds']['sft']:.2f} | {passes['kr']:.2f}, {passes['tki']:.2f}, {passes['tki_mixed']:.2f} |"
+        )
+    lines += ["", "Peak memory of three steps over SFT's (fresh process each; MB above the built trainer):", "",
+              "| micro-batch | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
+    for batch, values in memory_results.items():
+        lines.append(f"| {batch} | " + " | ".join(f"{v['steps_over_sft']:.2f} ({v['peak_mb'] - v['ready_mb']:.0f})" for v in values.values()) + " |")
+    g = generate
+    lines += [
+        "",
+        f"KR stage 1 ({stage1['steps']} steps): {stage1['seconds_per_example']:.2f} s per example = "
+        f"{stage1['over_sft_step_per_example']:.2f} x an SFT step's share per example (once per dataset).",
+        "",
+        f"Greedy generation, {g['batch']} prompts x {g['new_tokens']} new tokens: routed TKI / LoRA {g['routed_over_lora']:.3f}, "
+        f"exported plain LoRA / LoRA {g['exported_over_lora']:.3f} (tokens/s: "
+        + ", ".join(f"{k} {v:.1f}" for k, v in g["tokens_per_second"].items()) + ").",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--memory_probe", nargs=3, metavar=("CONFIG", "BATCH", "WORK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.memory_probe:
+        name, batch, work = args.memory_probe
+        print(json.dumps(peak_memory(name, int(batch), Path(work))))
+        return
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        dataset = training_rows()
+        store_dirs = stores(work, dataset)
+        steps = training_steps(dataset, store_dirs, args.rounds, args.batches, work)
+        memory_results = memory(args.batches, work)
+        batch = max(args.batches)
+        stage1 = stage1_cost(dataset, steps[batch]["median_seconds"]["sft"], batch)
+        generate = generation(args.rounds, work)
+    payload = {
+        "training_steps": steps, "peak_memory": memory_results, "stage1": stage1, "generation": generate,
+        "config": {"rounds": args.rounds, "batches": args.batches, "tki": embedded_lora_config().to_dict(), "stage1": STAGE1.to_dict(), "max_length": 256},
+    }
+    text = table(steps, memory_results, stage1, generate, args.rounds)
+    write_results("speed", payload, text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
