@@ -22,6 +22,8 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
@@ -30,7 +32,7 @@ import torch
 from datasets import Dataset, concatenate_datasets
 from peft import LoraConfig, PeftModel
 
-from common import RESULTS, write_results
+from common import P3, RESULTS, STAGE1, write_results
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lora_config, load_embedded_model
 from tki_trainer._io import staged_directory, staged_file
 from tki_trainer.data import (
@@ -44,12 +46,10 @@ from tki_trainer.data import (
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.evaluation.comparison import paired_bootstrap
-from tki_trainer.reinstatement import PriorInputConfig
 from tki_trainer.retrieval import hashed_group, retrieve
 from tki_trainer.tuner.model import find_tuner
 
 
-P3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3"
 RUNS = RESULTS / "quality"
 MAX_LENGTH = 256
 TRAIN_ROWS = 256
@@ -60,7 +60,6 @@ BIGBENCH_PER_TASK = 30
 ALPHA = 1.0
 LEARNING_RATES = (2e-4, (1 + ALPHA) * 2e-4)
 SEEDS = (0, 1, 2)
-STAGE1 = PriorInputConfig(steps=3, learning_rate=1e-3)
 SWITCHES = {
     "sft": dict(lta=False, kr=False, pcgrad=False),
     "tki": dict(lta=True, kr=True, pcgrad=True),
@@ -340,14 +339,28 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict) -> str:
     return "\n".join(lines)
 
 
-def plot_clusters(by_config: dict[str, list[dict]]) -> None:
+@contextmanager
+def saved_figure(filename: str, **layout) -> Iterator:
+    """Axes of a new figure, written to ``results/<filename>`` when the block ends."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    figure, axes = plt.subplots(**layout)
+    yield axes
+    figure.tight_layout()
+    figure.savefig(RESULTS / filename, dpi=120)
+    plt.close(figure)
+
+
+def plot_clusters(by_config: dict[str, list[dict]]) -> None:
     groups = [(test, name) for test in TEST_SETS for name in next(iter(by_config.values()))[0]["eval"][test]["by_group"]] if by_config else []
-    figure, axis = plt.subplots(figsize=(max(8, 1.2 * len(groups)), 4.5))
+    with saved_figure("quality_rougeL.png", figsize=(max(8, 1.2 * len(groups)), 4.5)) as axis:
+        _cluster_bars(axis, by_config, groups)
+
+
+def _cluster_bars(axis, by_config: dict[str, list[dict]], groups: list[tuple[str, str]]) -> None:
     width = 0.8 / max(len(by_config), 1)
     for offset, (label, records) in enumerate(by_config.items()):
         x = np.arange(len(groups)) + offset * width
@@ -360,27 +373,24 @@ def plot_clusters(by_config: dict[str, list[dict]]) -> None:
     axis.set_ylabel("ROUGE-L")
     axis.set_title("ROUGE-L per unseen cluster / BIG-bench task (dots: seeds)")
     axis.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(RESULTS / "quality_rougeL.png", dpi=120)
-    plt.close(figure)
 
 
 def plot_usage(runs: dict[str, dict]) -> None:
+    usage = {name: r["train"] for name, r in runs.items() if "latent_usage" in r.get("train", {})}
+    if usage:
+        with saved_figure("quality_latent_usage.png", ncols=2, figsize=(12, 4)) as (bars, curve):
+            _usage_panels(bars, curve, usage)
+
+
+def _usage_panels(bars, curve, usage: dict[str, dict]) -> None:
     import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    usage = {name: r["train"] for name, r in runs.items() if "latent_usage" in r.get("train", {})}
-    if not usage:
-        return
-    figure, (bars, curve) = plt.subplots(1, 2, figsize=(12, 4))
     name, first = next(iter(usage.items()))
     mass = np.array(first["latent_usage"]["mass"])
     groups = first["latent_usage"]["num_groups"]
     per_group = len(mass) // groups
     colors = np.repeat(np.arange(groups), per_group)
-    bars.bar(np.arange(len(mass)), mass, color=[plt.cm.tab10(c) for c in colors])
+    bars.bar(np.arange(len(mass)), mass, color=[matplotlib.colormaps["tab10"](c) for c in colors])
     bars.set_xlabel("latent task (colour: group)")
     bars.set_ylabel("blend-weight mass over one epoch")
     bars.set_title(f"Latent-task usage, {name}")
@@ -392,9 +402,6 @@ def plot_usage(runs: dict[str, dict]) -> None:
     curve.set_xlabel("step")
     curve.set_ylabel("usage entropy per batch (nats)")
     curve.legend(fontsize=7)
-    figure.tight_layout()
-    figure.savefig(RESULTS / "quality_latent_usage.png", dpi=120)
-    plt.close(figure)
 
 
 def main() -> None:

@@ -1,7 +1,8 @@
 """What TKI costs over LoRA SFT on the embedded model, the embedded preset's own `LatentLoraConfig`, in one run.
 
 - Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only, full TKI, full TKI on
-  mixed micro-batches (the prior input harder for some rows, the prompt for others) and full TKI with a
+  mixed micro-batches (the prior input harder for some rows, the prompt for others; at micro-batch 1, a row
+  whose prior input is harder) and full TKI with a
   paper-sized bank (C=16, Q=12), at micro-batch 1 and 4 on the same real P3 rows (<= 256 tokens). Timed
   interleaved, round by round with rotating order; ratios are of medians. Each step's backward passes are
   reported (the route it took).
@@ -19,7 +20,6 @@ import argparse
 import contextlib
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from common import write_results
+from common import P3, STAGE1, write_results
 from tki_trainer import (
     TKIConfig,
     TKITrainer,
@@ -44,8 +44,6 @@ from tki_trainer.data import add_query_embeddings, as_conversational, fit_prompt
 from tki_trainer.reinstatement import PriorInputConfig
 
 
-P3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3"
-STAGE1 = PriorInputConfig(steps=3, learning_rate=1e-3)
 CONFIGS = {
     "sft": dict(lta=False, kr=False, pcgrad=False),
     "lta": dict(lta=True, kr=False, pcgrad=False),
@@ -107,6 +105,13 @@ def step(trainer: TKITrainer, batch) -> float:
     return time.perf_counter() - start
 
 
+def _mixes(batch) -> bool:
+    """A batch of the mixed store holding a row whose prior input is harder (noised), and, beyond one row, one
+    whose is not."""
+    noised = batch["prior_deltas"].flatten(1).abs().sum(1) > 0
+    return bool(noised.any()) and (len(noised) == 1 or not bool(noised.all()))
+
+
 def mean_metric(trainer: TKITrainer, key: str) -> float | None:
     values = trainer._metrics["train"].get(key, [])
     return sum(values) / len(values) if values else None
@@ -117,6 +122,7 @@ def training_steps(dataset, store_dirs, rounds: int, batches: list[int], work: P
     for batch in batches:
         trainers = {name: build(name, batch, dataset, store_dirs, str(work)) for name in CONFIGS}
         first = {name: next(iter(t.get_train_dataloader())) for name, t in trainers.items()}
+        first["tki_mixed"] = next(b for b in trainers["tki_mixed"].get_train_dataloader() if _mixes(b))
         for name, trainer in trainers.items():
             step(trainer, first[name])
             trainer._metrics["train"].clear()
@@ -138,16 +144,23 @@ def training_steps(dataset, store_dirs, rounds: int, batches: list[int], work: P
     return results
 
 
+def _status_mb(field: str) -> float:
+    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field))
+    return int(line.split()[1]) / 1024
+
+
 def peak_memory(name: str, batch: int, work: Path) -> dict:
-    """In this fresh process: resident memory after building the trainer, and the peak over three steps."""
+    """In this fresh process: resident memory once the trainer is built, and its peak over three steps (Linux's
+    high-water mark, reset after the build: loading the model peaks higher than a step)."""
     dataset = training_rows()
     store_dirs = {"store": work / "store", "mixed": work / "mixed"}
     trainer = build(name, batch, dataset, store_dirs, str(work / "memory"))
     inputs = next(iter(trainer.get_train_dataloader()))
-    ready = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    Path("/proc/self/clear_refs").write_text("5")
+    ready = _status_mb("VmRSS")
     for _ in range(3):
         step(trainer, inputs)
-    return {"ready_mb": ready / 1024, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"ready_mb": ready, "peak_mb": _status_mb("VmHWM")}
 
 
 def memory(batches: list[int], work: Path) -> dict:
@@ -265,8 +278,8 @@ def main() -> None:
         work = Path(tmp)
         dataset = training_rows()
         store_dirs = stores(work, dataset)
-        steps = training_steps(dataset, store_dirs, args.rounds, args.batches, work)
         memory_results = memory(args.batches, work)
+        steps = training_steps(dataset, store_dirs, args.rounds, args.batches, work)
         batch = max(args.batches)
         stage1 = stage1_cost(dataset, steps[batch]["median_seconds"]["sft"], batch)
         generate = generation(args.rounds, work)

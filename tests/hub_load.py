@@ -1,5 +1,6 @@
 """Load a TKI adapter by repo id in a fresh process (huggingface_hub resolves it through HF_ENDPOINT / the cache)
-and write its routed logits on a fixed input: ``python hub_load.py <repo_id> <revision> <output.safetensors>``."""
+and write its routed logits on a fixed input: ``python hub_load.py <repo_id> <revision> <output.safetensors>``;
+with ``--push-back``, then push it to the same repo with PEFT's own ``push_to_hub`` (token from HF_TOKEN)."""
 
 import sys
 
@@ -21,6 +22,8 @@ def routed_logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 if __name__ == "__main__":
-    repo_id, revision, output = sys.argv[1:]
+    repo_id, revision, output = sys.argv[1:4]
     model = PeftModel.from_pretrained(tiny_llama(), repo_id, revision=None if revision == "-" else revision)
     save_file({"logits": routed_logits(model.eval())}, output)
+    if "--push-back" in sys.argv:
+        model.push_to_hub(repo_id)

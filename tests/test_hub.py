@@ -53,14 +53,15 @@ def trained(tmp_path, **overrides) -> TKITrainer:
     return trainer
 
 
-def load_in_fresh_process(hub: LocalHub, tmp_path: Path, repo_id: str, revision: str, offline: bool = False) -> torch.Tensor:
+def load_in_fresh_process(hub: LocalHub, tmp_path: Path, repo_id: str, revision: str, offline: bool = False, push_back: bool = False) -> torch.Tensor:
+    """Routed logits of the adapter loaded by repo id in a new process; ``push_back``: then PEFT's own push_to_hub."""
     env = {
         **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1" if offline else "0",
-        "PYTHONPATH": str(TESTS), "HF_HUB_VERBOSITY": "debug",
+        "PYTHONPATH": str(TESTS), "HF_HUB_VERBOSITY": "debug", "HF_HUB_DISABLE_XET": "1", **({"HF_TOKEN": TOKEN} if push_back else {}),
     }
-    output = tmp_path / f"logits-{revision}-{offline}.safetensors"
-    result = subprocess.run([sys.executable, str(TESTS / "hub_load.py"), repo_id, revision, str(output)], env=env,
-                            capture_output=True, text=True, timeout=300)
+    output = tmp_path / f"logits-{revision}-{offline}-{push_back}.safetensors"
+    command = [sys.executable, str(TESTS / "hub_load.py"), repo_id, revision, str(output), *(["--push-back"] if push_back else [])]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert TOKEN not in result.stdout + result.stderr
     return load_file(output)["logits"]
@@ -90,6 +91,10 @@ def test_push_then_load_by_repo_id_at_head_at_a_pinned_revision_and_offline(tmp_
     card = ModelCard(card_text)
     assert {"peft", "trl", "tki"} <= set(card.data.tags) and not re.search(r"\{[a-z_]+\}", card_text)
     assert "| loss |" in card_text and "3 x 4 = 12" in card_text
+
+    torch.testing.assert_close(load_in_fresh_process(hub, tmp_path, "user/run", "-", push_back=True), first_logits)
+    assert hub.store.resolve("user/run", "main")[0] != first.oid, "PEFT's push_to_hub made no commit"
+    assert "3 x 4 = 12" in hub.store.blob(hub.store.resolve("user/run", "main")[1]["README.md"]["oid"]).decode()
 
     with torch.no_grad():
         for name, parameter in model.named_parameters():

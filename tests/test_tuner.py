@@ -96,6 +96,25 @@ def test_batch_equals_each_example_alone(queries):
     assert not torch.allclose(batch, swapped, atol=1e-4)
 
 
+def test_inference_gathers_once_per_routing_and_follows_bank_updates(queries):
+    """Without autograd the gathered factors are kept for the routing in force (generation reuses them at every
+    token); they match the training path, and an in-place update of the bank is seen at once."""
+    model = tki_model()
+    input_ids = torch.randint(3, 128, (3, 6), generator=torch.Generator().manual_seed(0))
+    with route(model, queries):
+        trained = model(input_ids=input_ids).logits.detach()
+        with torch.no_grad():
+            first, again = model(input_ids=input_ids).logits, model(input_ids=input_ids[:, :3]).logits
+            torch.testing.assert_close(first, trained, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(again, first[:, :3], atol=1e-5, rtol=1e-5)
+            layer_named(model, "q_proj").tki_latent_A["default"].add_(0.5)
+            assert not torch.allclose(model(input_ids=input_ids).logits, first, atol=1e-4)
+    with route(model, queries.flip(0)):
+        expected = model(input_ids=input_ids).logits.detach()
+        with torch.no_grad():
+            torch.testing.assert_close(model(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+
+
 def test_only_retrieved_increments_receive_gradient(queries):
     model = tki_model()
     groups = torch.tensor([0, 0, 2])

@@ -318,12 +318,14 @@ class TKITrainer(SFTTrainer):
             q_wins = objectives.q_wins
             mixed = bool(q_wins.any()) and not bool(q_wins.all())
             split = mixed and capture is not None and capture.complete
-            self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(mixed and not split))
+            # Mixed without the capture: the reinstatement backward also runs through the real-prompt graph.
+            third = mixed and not split
+            self._metrics["train"]["pcgrad_backward_passes"].append(1 + int(bool(q_wins.any())) + int(third))
             if not q_wins.any():
                 objectives.ce_q = objectives.ce_q.detach()
             if split:
                 capture.weights = (~q_wins).float()
-            self.accelerator.backward(objectives.sft, retain_graph=mixed and not split)
+            self.accelerator.backward(objectives.sft, retain_graph=third)
             g1 = self._pcgrad.take_gradients()
             self._pcgrad.add(0, g1)
             if not q_wins.any():
@@ -331,7 +333,7 @@ class TKITrainer(SFTTrainer):
             else:
                 if split:
                     self._pcgrad.add(1, capture.take(), scale=alpha)
-                through = objectives.reinstatement if mixed and not split else objectives.reinstatement_through_q
+                through = objectives.reinstatement if third else objectives.reinstatement_through_q
                 self.accelerator.backward(alpha * through)
                 self._pcgrad.add(1, self._pcgrad.take_gradients())
         if self.accelerator.sync_gradients:

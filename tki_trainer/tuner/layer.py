@@ -44,6 +44,7 @@ class TKILayer(BaseTunerLayer):
         self._router = router
         self.gather_observer: Optional[Callable[[nn.Parameter, torch.Tensor, torch.Tensor], None]] = None
         """Called with (bank, indices, gathered rows) on each gather; `tki_trainer.capture` uses it."""
+        self._factor_cache: dict[str, tuple] = {}
         self.in_features = base_layer.in_features
         self.out_features = base_layer.out_features
         self.kwargs = kwargs
@@ -95,19 +96,38 @@ class TKILayer(BaseTunerLayer):
         whole batch is two batched matrix products. The gather is an embedding lookup with sparse gradients: the
         bank's gradient holds the retrieved rows only.
         """
-        rows, k = indices.shape
-        rank = self.latent_r[adapter_name]
+        rows = indices.shape[0]
         tokens = x.reshape(rows, -1, self.in_features)
+        if not torch.is_grad_enabled():
+            down, up = self._inference_factors(adapter_name, indices, weights)
+            return torch.bmm(torch.bmm(tokens, down.to(tokens.dtype)), up.to(tokens.dtype))
+        rank = self.latent_r[adapter_name]
         flat = indices.flatten()
         banks = (self.tki_latent_A[adapter_name], self.tki_latent_B[adapter_name])
         a, b = (F.embedding(flat, bank, sparse=True) for bank in banks)
         if self.gather_observer is not None:
             for bank, gathered in zip(banks, (a, b)):
                 self.gather_observer(bank, flat, gathered)
-        a = a.view(rows, k * rank, self.in_features)
-        b = b.view(rows, k * rank, self.out_features)
+        a = a.view(rows, -1, self.in_features)
+        b = b.view(rows, -1, self.out_features)
         hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(tokens.dtype)
         return torch.bmm(hidden, b)
+
+    def _inference_factors(self, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gathered pair ``(w * A)^T [rows, in, k*r]``, ``B [rows, k*r, out]`` without autograd, kept while the
+        routing (the same selection tensors) and the bank (its in-place version) stay: generation gathers once per
+        call instead of once per new token."""
+        bank_a, bank_b = self.tki_latent_A[adapter_name], self.tki_latent_B[adapter_name]
+        version = (bank_a._version, bank_b._version)
+        cached = self._factor_cache.get(adapter_name)
+        if cached is None or cached[0] is not indices or cached[1] is not weights or cached[2] != version:
+            rows, rank = indices.shape[0], self.latent_r[adapter_name]
+            flat = indices.flatten()
+            blend = weights.repeat_interleave(rank, dim=1).unsqueeze(-1).to(bank_a.dtype)
+            down = (bank_a[flat].view(rows, -1, self.in_features) * blend).transpose(1, 2).contiguous()
+            cached = (indices, weights, version, (down, bank_b[flat].view(rows, -1, self.out_features)))
+            self._factor_cache[adapter_name] = cached
+        return cached[3]
 
 
 class Linear(nn.Module, TKILayer):
