@@ -10,7 +10,8 @@ clusters; the chosen rates then run three seeds; ablations run at TKI's rate. KR
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py
 
 Every finished piece (a training run, an evaluation) is saved at once under ``bench/results/quality/``, so the
-command resumes where an interrupted run stopped; ``--report`` only rebuilds the tables and plots. Work files
+command resumes where an interrupted run stopped; ``--report`` only rebuilds the tables and plots;
+``--reproduce <run>`` reruns one finished run from nothing and the report compares the two. Work files
 (adapters, stage-1 store, predictions) live under ``--work_dir``.
 """
 
@@ -104,17 +105,17 @@ def run_name(method: str, lr: float, seed: int) -> str:
     return f"{method}-lr{lr:g}-s{seed}"
 
 
-def load_record(name: str) -> dict:
-    path = RUNS / f"{name}.json"
+def load_record(name: str, runs: Path = RUNS) -> dict:
+    path = runs / f"{name}.json"
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def save_record(name: str, record: dict) -> None:
-    with staged_file(RUNS / f"{name}.json") as staging:
+def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
+    with staged_file(runs / f"{name}.json") as staging:
         staging.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def train(method: str, lr: float, seed: int, data: Data, store: Path, work_dir: Path) -> dict:
+def train(method: str, lr: float, seed: int, data: Data, store: Path | None, work_dir: Path) -> dict:
     """Train one configuration; save its adapter under the work dir and return what training logged."""
     model, tokenizer = load_embedded_model()
     switches = SWITCHES[method]
@@ -178,9 +179,11 @@ def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: P
     }
 
 
-def ensure(name: str, method: str, lr: float, seed: int, pieces: tuple[str, ...], data: Data, store: Path, work_dir: Path) -> dict:
+def ensure(
+    name: str, method: str, lr: float, seed: int, pieces: tuple[str, ...], data: Data, store: Path | None, work_dir: Path, runs: Path = RUNS
+) -> dict:
     """Run whatever of ``train`` and the evaluation ``pieces`` this configuration lacks, saving each as it ends."""
-    record = load_record(name)
+    record = load_record(name, runs)
     record.setdefault("config", {"method": method, "learning_rate": lr, "seed": seed, **SWITCHES.get(method, {})})
     missing = [piece for piece in pieces if piece not in record.get("eval", {})]
     if not missing:
@@ -189,7 +192,7 @@ def ensure(name: str, method: str, lr: float, seed: int, pieces: tuple[str, ...]
     if method != "base" and ("train" not in record or not adapter.is_dir()):
         print(f"== training {name}", flush=True)
         record["train"] = train(method, lr, seed, data, store, work_dir)
-        save_record(name, record)
+        save_record(name, record, runs)
     model, tokenizer = load_embedded_model()
     if method != "base":
         model = PeftModel.from_pretrained(model, str(adapter))
@@ -200,7 +203,7 @@ def ensure(name: str, method: str, lr: float, seed: int, pieces: tuple[str, ...]
         result = evaluate(model, tokenizer, data.eval[piece], group, work_dir / "predictions" / name / f"{piece}.jsonl")
         result["seconds"] = time.time() - started
         record.setdefault("eval", {})[piece] = result
-        save_record(name, record)
+        save_record(name, record, runs)
     return record
 
 
@@ -247,6 +250,43 @@ def run(work_dir: Path, bigbench: str | None, ablations: bool) -> None:
             ensure(run_name(method, rates["tki"], 0), method, rates["tki"], 0, tests, *args)
 
 
+def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
+    """Rerun one saved configuration from nothing, in its own work dir (stage 1 included when it uses KR), into
+    ``quality/reproduced/``; the report compares the two."""
+    config = load_record(name).get("config")
+    if config is None or "heldout" not in load_record(name).get("eval", {}):
+        raise SystemExit(f"quality.py: no finished run {name!r} in {RUNS} to reproduce.")
+    work_dir = work_dir / "reproduce"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_embedded_model()
+    data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
+    uses_kr = SWITCHES.get(config["method"], {}).get("kr", False)
+    store = compute_prior_inputs(model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH).path if uses_kr else None
+    del model
+    ensure(name, config["method"], config["learning_rate"], config["seed"], ("heldout",), data, store, work_dir, RUNS / "reproduced")
+
+
+def reproductions() -> dict:
+    """Each reproduced run against its saved original: held-out ROUGE-L of both, examples scored identically, and
+    the seed spread (sd over seeds) of that method at that learning rate."""
+    found = {}
+    for path in sorted((RUNS / "reproduced").glob("*.json")):
+        again, original = json.loads(path.read_text()), load_record(path.stem)
+        config = original["config"]
+        seeds = [r for r in finished_runs().values() if r["config"]["method"] == config["method"]
+                 and r["config"]["learning_rate"] == config["learning_rate"] and "heldout" in r.get("eval", {})]
+        scores = [r["eval"]["heldout"]["all"]["rougeL"] for r in seeds]
+        first, second = (np.array(r["eval"]["heldout"]["per_example"]["rougeL"]) for r in (original, again))
+        found[path.stem] = {
+            "rougeL": original["eval"]["heldout"]["all"]["rougeL"],
+            "rougeL_reproduced": again["eval"]["heldout"]["all"]["rougeL"],
+            "identical_examples": int((first == second).sum()),
+            "examples": len(first),
+            "seed_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
+        }
+    return found
+
+
 # Report ------------------------------------------------------------------------------------------------------------
 
 
@@ -284,9 +324,10 @@ def report() -> None:
                 for test in TEST_SETS:
                     comparisons[f"{label.split()[0]}_minus_tki_{test}"] = paired_bootstrap(per_example(records, test), per_example(tki, test)).to_dict()
     validation = {name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})}
-    table = markdown(rows, comparisons, validation)
+    reproduced = reproductions()
+    table = markdown(rows, comparisons, validation, reproduced)
     payload = {
-        "rows": rows, "comparisons": comparisons, "validation_rougeL": validation,
+        "rows": rows, "comparisons": comparisons, "validation_rougeL": validation, "reproductions": reproduced,
         "runs": {name: {"config": r["config"], "train_seconds": r.get("train", {}).get("seconds"),
                         "eval": {k: {"all": v["all"], "by_group": v["by_group"], "seconds": v.get("seconds")} for k, v in r.get("eval", {}).items()}}
                  for name, r in runs.items()},
@@ -303,7 +344,7 @@ def report() -> None:
     print(table)
 
 
-def markdown(rows: list[dict], comparisons: dict, validation: dict) -> str:
+def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: dict) -> str:
     def cell(value: tuple[float, float]) -> str:
         return f"{value[0]:.1f}" + (f" ± {value[1]:.1f}" if value[1] else "")
 
@@ -336,6 +377,10 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict) -> str:
                          f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved.")
     if validation:
         lines += ["", "Validation ROUGE-L (learning-rate choice, seed 0): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0"))]
+    for name, r in reproduced.items():
+        spread = f"seed sd {r['seed_sd']:.2f}" if r["seed_sd"] is not None else "no seed spread yet"
+        lines.append(f"Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
+                     f"{r['rougeL_reproduced']:.2f} ({spread}); {r['identical_examples']} of {r['examples']} examples scored identically.")
     return "\n".join(lines)
 
 
@@ -410,8 +455,11 @@ def main() -> None:
     parser.add_argument("--bigbench", help="Path of bigbench-1.0.0.tar.gz (downloaded into work_dir when omitted).")
     parser.add_argument("--no_ablations", action="store_true", help="Skip TKI without LTA / KR / PCGrad.")
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and plots from saved results.")
+    parser.add_argument("--reproduce", metavar="RUN", help="Rerun one saved run (e.g. sft-lr0.0002-s0) from nothing and compare.")
     args = parser.parse_args()
-    if not args.report:
+    if args.reproduce:
+        reproduce(args.reproduce, Path(args.work_dir), args.bigbench)
+    elif not args.report:
         if not (P3 / "train.jsonl.gz").is_file():
             raise SystemExit(f"quality.py: no P3 data at {P3}: the shared data folder must sit beside the repository.")
         run(Path(args.work_dir), args.bigbench, not args.no_ablations)
