@@ -326,6 +326,9 @@ def report() -> None:
     validation = {name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})}
     reproduced = reproductions()
     table = markdown(rows, comparisons, validation, reproduced)
+    planned = 1 + 2 * len(SEEDS) + 3
+    if len(tested) < planned:
+        table = f"**Incomplete: {len(tested)} of {planned} planned configurations evaluated on the test sets so far; rerun the command to continue.**\n\n{table}"
     payload = {
         "rows": rows, "comparisons": comparisons, "validation_rougeL": validation, "reproductions": reproduced,
         "runs": {name: {"config": r["config"], "train_seconds": r.get("train", {}).get("seconds"),
