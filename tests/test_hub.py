@@ -46,8 +46,9 @@ def hub(tmp_path, monkeypatch):
         yield server
 
 
-def trained(tmp_path, **overrides) -> TKITrainer:
-    args = TKIConfig(**common(tmp_path, "run", max_steps=2, eval_strategy="steps", eval_steps=2, **overrides), kr=False)
+def trained(tmp_path) -> TKITrainer:
+    """Two steps of LTA training with one evaluation, so the card has a run's numbers to show."""
+    args = TKIConfig(**common(tmp_path, "run", max_steps=2, eval_strategy="steps", eval_steps=2), kr=False)
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), eval_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
     trainer.train()
     return trainer
