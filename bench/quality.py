@@ -47,7 +47,7 @@ from tki_trainer.data import (
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.evaluation.comparison import paired_bootstrap
-from tki_trainer.retrieval import hashed_group, retrieve
+from tki_trainer.retrieval import retrieve
 from tki_trainer.tuner.model import find_tuner
 
 
@@ -136,27 +136,22 @@ def train(method: str, lr: float, seed: int, data: Data, store: Path | None, wor
         model.save_pretrained(str(staging))
     record = {"seconds": seconds, "steps": trainer.state.global_step, "log_history": trainer.state.log_history}
     if switches["lta"]:
-        record["latent_usage"] = latent_usage(model, data.train)
+        record["latent_usage"] = latent_usage(model, trainer.train_dataset)
     return record
 
 
 def latent_usage(model: PeftModel, dataset: Dataset) -> dict:
-    """Blend-weight mass and retrieval count per latent task over one epoch of the training set (keys and queries are
-    fixed, so this is exactly what training retrieved)."""
+    """Blend-weight mass and retrieval count per latent task over one epoch of the trainer's training set (its
+    queries and group ids; keys are frozen, so this is exactly what training retrieved)."""
     tuner = find_tuner(model)
     config = tuner.peft_config["default"]
     indices, weights = retrieve(
-        torch.tensor(dataset["query_embedding"]), tuner.tki_keys["default"], config.num_groups, config.top_k,
-        torch.tensor(dataset["group_id"]) if "group_id" in dataset.column_names else _hashed_groups(dataset, config),
+        torch.tensor(dataset["query_embedding"]), tuner.tki_keys["default"], config.num_groups, config.top_k, torch.tensor(dataset["group_id"]),
         blend=config.blend, temperature=config.temperature,
     )
     mass = torch.zeros(config.num_latent_tasks, dtype=torch.float64).index_add_(0, indices.flatten(), weights.flatten().double())
     count = torch.bincount(indices.flatten(), minlength=config.num_latent_tasks)
     return {"num_groups": config.num_groups, "mass": mass.tolist(), "count": count.tolist()}
-
-
-def _hashed_groups(dataset: Dataset, config) -> torch.Tensor:
-    return torch.tensor([hashed_group(str(i), config.num_groups, config.seed) for i in dataset["id"]])
 
 
 def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: Path) -> dict:
