@@ -69,6 +69,7 @@ SWITCHES = {
     "tki_no_pcgrad": dict(lta=True, kr=True, pcgrad=False),
 }
 TEST_SETS = {"heldout": "cluster", "bigbench": "task"}
+TRAINING_LOGS = ("loss_sft", "loss_reinst", "reinst_q_win_rate", "pcgrad_conflict_rate", "pcgrad_cosine", "latent_usage_entropy")
 
 
 class Data:
@@ -293,6 +294,20 @@ def per_example(records: list[dict], test: str, metric: str = "rougeL") -> np.nd
     return np.array([record["eval"][test]["per_example"][metric] for record in records])
 
 
+def training_summary(records: list[dict]) -> dict:
+    """What the mechanisms did while training, averaged over seeds: training seconds, and each logged TKI
+    quantity over all logged steps and over the last quarter of steps (does the prior input ever become the
+    harder input, do the objectives conflict). Without KR the logged loss is the SFT loss."""
+    summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
+    for key in TRAINING_LOGS:
+        field = key if key != "loss_sft" or records[0]["config"]["kr"] else "loss"
+        logs = [(e["step"] / r["train"]["steps"], e[field]) for r in records for e in r["train"]["log_history"] if field in e]
+        if logs:
+            summary[key] = float(np.mean([v for _, v in logs]))
+            summary[f"{key}_last_quarter"] = float(np.mean([v for f, v in logs if f > 0.75] or [np.nan]))
+    return summary
+
+
 def report() -> None:
     runs = finished_runs()
     tested = {name: r for name, r in runs.items() if all(t in r.get("eval", {}) for t in TEST_SETS)}
@@ -304,6 +319,8 @@ def report() -> None:
     rows, comparisons = [], {}
     for label, records in by_config.items():
         row = {"config": label, "seeds": [r["config"]["seed"] for r in records]}
+        if label != "base":
+            row["training"] = training_summary(records)
         for test in TEST_SETS:
             for metric in ("bleu", "rouge1", "rouge2", "rougeL"):
                 values = [r["eval"][test]["all"][metric] for r in records]
@@ -357,6 +374,15 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: 
     for row in rows:
         cells = [cell(row[f"{test}_{metric}"]) for test in TEST_SETS for metric in ("bleu", "rouge1", "rouge2", "rougeL")]
         lines.append(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    trained = [row for row in rows if "training" in row]
+    if trained:
+        lines += ["", "Training (mean over logged steps and seeds; in brackets the last quarter of the steps): q-win rate = share of "
+                  "rows whose prior input is the harder one (else L_reinst counts the prompt's loss again).", "",
+                  "| config | train s | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |", "|---|---|---|---|---|---|---|---|"]
+        for row in trained:
+            t = row["training"]
+            cells = [f"{t[k]:.3f} ({t[k + '_last_quarter']:.3f})" if k in t else "–" for k in TRAINING_LOGS]
+            lines.append(f"| {row['config']} | {t['train_seconds']:.0f} | " + " | ".join(cells) + " |")
     if comparisons:
         lines += ["", "Paired bootstrap over examples and seeds, ROUGE-L (95% interval; 'detectable' = smallest difference "
                   "this set finds with 80% power):", "", "| comparison | test set | difference | 95% interval | detectable | verdict |", "|---|---|---|---|---|---|"]

@@ -2,11 +2,11 @@
 
 - Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only, full TKI, full TKI on
   mixed micro-batches (the prior input harder for some rows, the prompt for others; at micro-batch 1, a row
-  whose prior input is harder) and full TKI with a
-  paper-sized bank (C=16, Q=12), at micro-batch 1 and 4 on the same real P3 rows (<= 256 tokens). Timed
-  interleaved, round by round with rotating order; ratios are of medians. Each step's backward passes are
-  reported (the route it took).
-- Peak memory of each configuration's steps over SFT's, each measured in a fresh process.
+  whose prior input is harder) and full TKI with a paper-sized bank (C=16, Q=12), at micro-batch 1 and 4.
+  Every configuration steps on the same real P3 rows (<= 256 tokens): the first batch on which the mixed store
+  mixes, rows in dataset order. Timed interleaved, round by round with rotating order; ratios are of medians.
+  Each step's backward passes are reported (the route it took).
+- Peak memory of each configuration's steps on those rows over SFT's, each measured in a fresh process.
 - KR stage 1 (the embedded preset's 3 steps) per example, over an SFT step per example.
 - Greedy generation throughput: the TKI adapter routed by query, plain PEFT LoRA with the same shared LoRA,
   and the plain LoRA that `export_lora` writes for one query.
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import os
 import statistics
@@ -87,7 +88,7 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
     args = TKIConfig(
         output_dir=f"{output_dir}/{name}-{batch}", per_device_train_batch_size=batch, bf16=False, use_cpu=True,
         report_to="none", max_length=256, prior_inputs_dir=str(store) if store else None,
-        activation_checkpointing=False, dataset_num_proc=None, **switches,
+        activation_checkpointing=False, dataset_num_proc=None, train_sampling_strategy="sequential", **switches,
     )
     trainer = TKITrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
@@ -112,17 +113,29 @@ def _mixes(batch) -> bool:
     return bool(noised.any()) and (len(noised) == 1 or not bool(noised.all()))
 
 
+def mixing_position(batch: int, dataset, store_dirs: dict[str, Path], work: Path) -> int:
+    """Where the mixed store's (sequential) loader first yields a mixing batch: every configuration steps on the
+    batch at this position, the same rows, so each ratio is row for row."""
+    loader = build("tki_mixed", batch, dataset, store_dirs, str(work)).get_train_dataloader()
+    return next(n for n, b in enumerate(loader) if _mixes(b))
+
+
+def batch_at(trainer: TKITrainer, position: int) -> dict:
+    return next(itertools.islice(trainer.get_train_dataloader(), position, None))
+
+
 def mean_metric(trainer: TKITrainer, key: str) -> float | None:
     values = trainer._metrics["train"].get(key, [])
     return sum(values) / len(values) if values else None
 
 
-def training_steps(dataset, store_dirs, rounds: int, batches: list[int], work: Path) -> dict:
+def training_steps(dataset, store_dirs, rounds: int, positions: dict[int, int], work: Path) -> dict:
     results = {}
-    for batch in batches:
+    for batch, position in positions.items():
         trainers = {name: build(name, batch, dataset, store_dirs, str(work)) for name in CONFIGS}
-        first = {name: next(iter(t.get_train_dataloader())) for name, t in trainers.items()}
-        first["tki_mixed"] = next(b for b in trainers["tki_mixed"].get_train_dataloader() if _mixes(b))
+        first = {name: batch_at(t, position) for name, t in trainers.items()}
+        if any(not torch.equal(b["input_ids"], first["sft"]["input_ids"]) for b in first.values()):
+            raise RuntimeError("the configurations' loaders gave different rows; the ratios would not be row for row")
         for name, trainer in trainers.items():
             step(trainer, first[name])
             trainer._metrics["train"].clear()
@@ -149,13 +162,13 @@ def _status_mb(field: str) -> float:
     return int(line.split()[1]) / 1024
 
 
-def peak_memory(name: str, batch: int, work: Path) -> dict:
+def peak_memory(name: str, batch: int, position: int, work: Path) -> dict:
     """In this fresh process: resident memory once the trainer is built, and its peak over three steps (Linux's
     high-water mark, reset after the build: loading the model peaks higher than a step)."""
     dataset = training_rows()
     store_dirs = {"store": work / "store", "mixed": work / "mixed"}
     trainer = build(name, batch, dataset, store_dirs, str(work / "memory"))
-    inputs = next(iter(trainer.get_train_dataloader()))
+    inputs = batch_at(trainer, position)
     Path("/proc/self/clear_refs").write_text("5")
     ready = _status_mb("VmRSS")
     for _ in range(3):
@@ -163,12 +176,12 @@ def peak_memory(name: str, batch: int, work: Path) -> dict:
     return {"ready_mb": ready, "peak_mb": _status_mb("VmHWM")}
 
 
-def memory(batches: list[int], work: Path) -> dict:
+def memory(positions: dict[int, int], work: Path) -> dict:
     results = {}
-    for batch in batches:
+    for batch, position in positions.items():
         for name in CONFIGS:
             output = subprocess.run(
-                [sys.executable, __file__, "--memory_probe", name, str(batch), str(work)], capture_output=True, text=True, check=True,
+                [sys.executable, __file__, "--memory_probe", name, str(batch), str(position), str(work)], capture_output=True, text=True, check=True,
                 env={**os.environ, "TQDM_DISABLE": "1"},
             ).stdout.strip().splitlines()[-1]
             results.setdefault(batch, {})[name] = json.loads(output)
@@ -267,25 +280,26 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--memory_probe", nargs=3, metavar=("CONFIG", "BATCH", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument("--memory_probe", nargs=4, metavar=("CONFIG", "BATCH", "POSITION", "WORK"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.memory_probe:
-        name, batch, work = args.memory_probe
-        print(json.dumps(peak_memory(name, int(batch), Path(work))))
+        name, batch, position, work = args.memory_probe
+        print(json.dumps(peak_memory(name, int(batch), int(position), Path(work))))
         return
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         dataset = training_rows()
         store_dirs = stores(work, dataset)
-        memory_results = memory(args.batches, work)
-        steps = training_steps(dataset, store_dirs, args.rounds, args.batches, work)
+        positions = {batch: mixing_position(batch, dataset, store_dirs, work) for batch in args.batches}
+        memory_results = memory(positions, work)
+        steps = training_steps(dataset, store_dirs, args.rounds, positions, work)
         batch = max(args.batches)
         stage1 = stage1_cost(dataset, steps[batch]["median_seconds"]["sft"], batch)
         generate = generation(args.rounds, work)
     payload = {
         "training_steps": steps, "peak_memory": memory_results, "stage1": stage1, "generation": generate,
-        "config": {"rounds": args.rounds, "batches": args.batches, "tki": embedded_lora_config().to_dict(), "stage1": STAGE1.to_dict(), "max_length": 256},
+        "config": {"rounds": args.rounds, "batches": args.batches, "batch_positions": positions, "tki": embedded_lora_config().to_dict(), "stage1": STAGE1.to_dict(), "max_length": 256},
     }
     text = table(steps, memory_results, stage1, generate, args.rounds)
     write_results("speed", payload, text)
