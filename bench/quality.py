@@ -295,7 +295,8 @@ def per_example(records: list[dict], test: str, metric: str = "rougeL") -> np.nd
 
 
 def training_summary(records: list[dict]) -> dict:
-    """What the mechanisms did while training, averaged over seeds: training seconds, and each logged TKI
+    """What the mechanisms did while training, averaged over seeds: wall-clock training seconds (under whatever
+    else ran; bench/speed.py measures cost), and each logged TKI
     quantity over all logged steps and over the last quarter of steps (does the prior input ever become the
     harder input, do the objectives conflict). Without KR the logged loss is the SFT loss."""
     summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
@@ -378,11 +379,11 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: 
     if trained:
         lines += ["", "Training (mean over logged steps and seeds; in brackets the last quarter of the steps): q-win rate = share of "
                   "rows whose prior input is the harder one (else L_reinst counts the prompt's loss again).", "",
-                  "| config | train s | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |", "|---|---|---|---|---|---|---|---|"]
+                  "| config | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |", "|---|---|---|---|---|---|---|"]
         for row in trained:
             t = row["training"]
             cells = [f"{t[k]:.3f} ({t[k + '_last_quarter']:.3f})" if k in t else "–" for k in TRAINING_LOGS]
-            lines.append(f"| {row['config']} | {t['train_seconds']:.0f} | " + " | ".join(cells) + " |")
+            lines.append(f"| {row['config']} | " + " | ".join(cells) + " |")
     if comparisons:
         lines += ["", "Paired bootstrap over examples and seeds, ROUGE-L (95% interval; 'detectable' = smallest difference "
                   "this set finds with 80% power):", "", "| comparison | test set | difference | 95% interval | detectable | verdict |", "|---|---|---|---|---|---|"]
