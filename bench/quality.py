@@ -59,6 +59,7 @@ HELDOUT_PER_CLUSTER = 300
 BIGBENCH_TASKS = ("tense", "object_counting", "word_unscrambling", "sports_understanding", "date_understanding", "similarities_abstraction")
 BIGBENCH_PER_TASK = 30
 ALPHA = 1.0
+BATCH = 4
 LEARNING_RATES = (2e-4, (1 + ALPHA) * 2e-4)
 SEEDS = (0, 1, 2)
 SWITCHES = {
@@ -123,7 +124,7 @@ def train(method: str, lr: float, seed: int, data: Data, store: Path | None, wor
     peft_config = embedded_lora_config() if switches["lta"] else LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
     output_dir = work_dir / "runs" / run_name(method, lr, seed)
     args = TKIConfig(
-        output_dir=str(output_dir), learning_rate=lr, seed=seed, per_device_train_batch_size=4, num_train_epochs=1,
+        output_dir=str(output_dir), learning_rate=lr, seed=seed, per_device_train_batch_size=BATCH, num_train_epochs=1,
         max_length=MAX_LENGTH, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
         logging_steps=4, save_strategy="no", reinstatement_alpha=ALPHA, prior_inputs_dir=str(store) if switches["kr"] else None,
         dataset_num_proc=None, **switches,
@@ -352,7 +353,7 @@ def report() -> None:
         "settings": {"max_length": MAX_LENGTH, "train_rows": TRAIN_ROWS, "validation_prompts": VALIDATION_PROMPTS,
                      "heldout_per_cluster": HELDOUT_PER_CLUSTER, "bigbench_tasks": BIGBENCH_TASKS, "bigbench_per_task": BIGBENCH_PER_TASK,
                      "learning_rates": LEARNING_RATES, "seeds": SEEDS, "alpha": ALPHA, "stage1": STAGE1.to_dict(),
-                     "tki": embedded_lora_config().to_dict(), "batch": 4, "epochs": 1},
+                     "tki": embedded_lora_config().to_dict(), "batch": BATCH, "epochs": 1},
     }
     write_results("quality", payload, table)
     plot_clusters(by_config)
@@ -468,7 +469,8 @@ def _usage_panels(bars, curve, usage: dict[str, dict]) -> None:
         points = [(e["step"], e["latent_usage_entropy"]) for e in record["log_history"] if "latent_usage_entropy" in e]
         if points:
             curve.plot(*zip(*points), marker=".", label=name)
-    curve.axhline(np.log(len(mass)), color="grey", linestyle="--", label="log M (uniform)")
+    reachable = min(len(mass), BATCH * embedded_lora_config().top_k)
+    curve.axhline(np.log(reachable), color="grey", linestyle="--", label=f"log {reachable}: {BATCH} rows x k spread evenly")
     curve.set_xlabel("step")
     curve.set_ylabel("usage entropy per batch (nats)")
     curve.legend(fontsize=7)
