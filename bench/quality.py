@@ -296,10 +296,10 @@ def per_example(records: list[dict], test: str, metric: str = "rougeL") -> np.nd
 
 
 def training_summary(records: list[dict]) -> dict:
-    """What the mechanisms did while training, averaged over seeds: wall-clock training seconds (under whatever
-    else ran; bench/speed.py measures cost), and each logged TKI
-    quantity over all logged steps and over the last quarter of steps (does the prior input ever become the
-    harder input, do the objectives conflict). Without KR the logged loss is the SFT loss."""
+    """What the mechanisms did while training, averaged over seeds: each logged TKI quantity over all logged steps
+    and over the last quarter (does the prior input ever become the harder input, do the objectives conflict),
+    and wall-clock training seconds (under whatever else ran: bench/speed.py measures cost). Without KR the
+    logged loss is the SFT loss."""
     summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
     for key in TRAINING_LOGS:
         field = key if key != "loss_sft" or records[0]["config"]["kr"] else "loss"
