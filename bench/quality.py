@@ -302,7 +302,7 @@ def training_summary(records: list[dict]) -> dict:
     logged loss is the SFT loss."""
     summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
     for key in TRAINING_LOGS:
-        field = key if key != "loss_sft" or records[0]["config"]["kr"] else "loss"
+        field = "loss" if key == "loss_sft" and not records[0]["config"]["kr"] else key
         logs = [(e["step"] / r["train"]["steps"], e[field]) for r in records for e in r["train"]["log_history"] if field in e]
         if logs:
             summary[key] = float(np.mean([v for _, v in logs]))
@@ -340,7 +340,7 @@ def report() -> None:
     validation = {name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})}
     reproduced = reproductions()
     table = markdown(rows, comparisons, validation, reproduced)
-    planned = 1 + 2 * len(SEEDS) + 3
+    planned = 1 + 2 * len(SEEDS) + len(SWITCHES) - 2
     if len(tested) < planned:
         table = f"**Incomplete: {len(tested)} of {planned} planned configurations evaluated on the test sets so far; rerun the command to continue.**\n\n{table}"
     payload = {
