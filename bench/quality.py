@@ -368,7 +368,8 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: 
     lines = [
         "Unseen tasks, embedded SmolLM2-135M, greedy answers, x100 (mean ± sd over seeds). Held-out: the P3 held-out clusters "
         "(paraphrase identification, structure-to-text); BIG-bench: out-of-domain tasks. Trained on a fixed subset of the P3 "
-        "train clusters; learning rates chosen on a validation split of the train clusters.",
+        "train clusters; learning rates chosen on a validation split of the train clusters. Produced by "
+        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py` (resumable; `--report` rebuilds this page).",
         "",
         "| config | seeds | held-out B-4 | R-1 | R-2 | R-L | BIG-bench B-4 | R-1 | R-2 | R-L |",
         "|---|---|---|---|---|---|---|---|---|---|",
