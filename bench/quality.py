@@ -404,9 +404,11 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: 
                          f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved.")
     if validation:
         lines += ["", "Validation ROUGE-L (learning-rate choice, seed 0): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0"))]
+    if reproduced:
+        lines.append("")
     for name, r in reproduced.items():
         spread = f"seed sd {r['seed_sd']:.2f}" if r["seed_sd"] is not None else "no seed spread yet"
-        lines.append(f"Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
+        lines.append(f"- Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
                      f"{r['rougeL_reproduced']:.2f} ({spread}); {r['identical_examples']} of {r['examples']} examples scored identically.")
     return "\n".join(lines)
 
