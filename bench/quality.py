@@ -69,6 +69,7 @@ SWITCHES = {
     "tki_no_kr": dict(lta=True, kr=False, pcgrad=False),
     "tki_no_pcgrad": dict(lta=True, kr=True, pcgrad=False),
 }
+ABLATIONS = tuple(method for method in SWITCHES if method not in ("sft", "tki"))
 TEST_SETS = {"heldout": "cluster", "bigbench": "task"}
 TRAINING_LOGS = ("loss_sft", "loss_reinst", "reinst_q_win_rate", "pcgrad_conflict_rate", "pcgrad_cosine", "latent_usage_entropy")
 
@@ -243,7 +244,7 @@ def run(work_dir: Path, bigbench: str | None, ablations: bool) -> None:
         for method in ("sft", "tki"):
             ensure(run_name(method, rates[method], seed), method, rates[method], seed, tests, *args)
     if ablations:
-        for method in ("tki_no_lta", "tki_no_kr", "tki_no_pcgrad"):
+        for method in ABLATIONS:
             ensure(run_name(method, rates["tki"], 0), method, rates["tki"], 0, tests, *args)
 
 
@@ -340,7 +341,7 @@ def report() -> None:
     validation = {name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})}
     reproduced = reproductions()
     table = markdown(rows, comparisons, validation, reproduced)
-    planned = 1 + 2 * len(SEEDS) + len(SWITCHES) - 2
+    planned = 1 + 2 * len(SEEDS) + len(ABLATIONS)
     if len(tested) < planned:
         table = f"**Incomplete: {len(tested)} of {planned} planned configurations evaluated on the test sets so far; rerun the command to continue.**\n\n{table}"
     payload = {
