@@ -5,16 +5,18 @@ from .formats import as_conversational, messages_to_prompt_completion
 from .local import load_local
 from .p3 import group_references, load_p3
 from .queries import add_query_embeddings
-from .sni import load_sni, sni_from_hub_rows, sni_splits
+from .sni import SniFitReport, fit_sni_prompts, load_sni, sni_from_hub_rows, sni_splits
 from .tokenization import tokenize_row
 from .truncation import FitReport, fit_prompts
 
 
 __all__ = [
     "FitReport",
+    "SniFitReport",
     "add_query_embeddings",
     "as_conversational",
     "fit_prompts",
+    "fit_sni_prompts",
     "group_references",
     "load_bigbench",
     "load_local",

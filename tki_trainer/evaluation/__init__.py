@@ -2,7 +2,20 @@
 
 from .callback import GenerationEvaluationCallback
 from .generation import answer_budgets, generate_answers
+from .heuristics import HEURISTICS, heuristic_predictions, score_heuristics, side_by_side
 from .scoring import METRIC_NAMES, score, score_by, score_examples
 
 
-__all__ = ["GenerationEvaluationCallback", "METRIC_NAMES", "answer_budgets", "generate_answers", "score", "score_by", "score_examples"]
+__all__ = [
+    "GenerationEvaluationCallback",
+    "HEURISTICS",
+    "METRIC_NAMES",
+    "answer_budgets",
+    "generate_answers",
+    "heuristic_predictions",
+    "score",
+    "score_by",
+    "score_examples",
+    "score_heuristics",
+    "side_by_side",
+]
