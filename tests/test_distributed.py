@@ -1,11 +1,14 @@
 """Two processes (DDP over gloo, CPU, launched with the recipe's accelerate config) train the same adapter as one
-process with the same effective batch."""
+process with the same effective batch, for every switch combination with LTA: with PCGrad the two objectives'
+gradients are reduced by the accumulator, without it the bank's row-sparse gradients are reduced by the trainer
+(DDP's buckets cannot hold them)."""
 
 import os
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,17 +24,18 @@ def run(command, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-def test_two_processes_train_the_same_adapter_as_one(tmp_path):
+@pytest.mark.parametrize("kr,pcgrad", [("kr", "pcgrad"), ("no-kr", "pcgrad"), ("kr", "no-pcgrad")])
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad):
     store = noisy_store(tmp_path, scale=0.5)
     script = str(HERE / "distributed_run.py")
-    run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1"], tmp_path)
+    run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1", kr, pcgrad], tmp_path)
     config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29537",
-         script, str(tmp_path / "two"), str(store.path), "2", "1"], tmp_path)
+         script, str(tmp_path / "two"), str(store.path), "2", "1", kr, pcgrad], tmp_path)  # fmt: skip
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == two.keys()
-    moved = [k for k in one if "tki_lora_B" in k and one[k].abs().sum() > 0]
-    assert moved
+    for prefix in ("tki_lora_B", "tki_latent_A"):
+        assert [k for k in one if prefix in k and one[k].abs().sum() > 0], f"{prefix} did not train"
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)

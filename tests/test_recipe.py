@@ -36,17 +36,19 @@ def tiny_argv(tmp_path):
 def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     metrics = sni_llama.main(tiny_argv(tmp_path))
     out = tmp_path / "out"
-    assert {"all", "extractive_qa", "structure_to_text"} <= set(metrics)
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TKI"
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
-    assert "Greedy answers on 2 prompts" in (out / "adapter" / "README.md").read_text()
+    assert {"adapter", "base"} == set(metrics)
+    assert {"all", "extractive_qa", "structure_to_text"} <= set(metrics["adapter"])
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "TKI"
+    assert (out / "adapter_model.safetensors").is_file()
+    card = (out / "README.md").read_text()
+    assert "Greedy answers on 2 prompts" in card and "| all |" in card and "base" in card
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
+    assert len((out / "predictions_base.jsonl").read_text().splitlines()) == 2
     assert (out / "_tki_cache" / "prior_inputs" / "store.json").is_file()
     resolved = json.loads((out / "resolved_config.json").read_text())
     assert resolved["max_steps"]["origin"] == "user" and resolved["latent_alpha"]["origin"] == "ours"
 
-    stamps = {p: p.stat().st_mtime_ns for p in [out / "adapter" / "adapter_model.safetensors", out / "predictions.jsonl"]}
+    stamps = {p: p.stat().st_mtime_ns for p in [out / "_tki_cache" / "prior_inputs" / "store.json", out / "predictions.jsonl"]}
     again = sni_llama.main(tiny_argv(tmp_path))
     assert again == metrics
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -56,7 +58,7 @@ def test_paper_preset_holds_the_papers_values_and_marks_ours():
     _, config, resolved = sni_llama.parse(["--preset", "paper", "--train_data", "org/sni", "--use_cpu", "true"])
     paper = {key: entry["value"] for key, entry in resolved.items() if entry["origin"] == "paper"}
     assert paper == {
-        "model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "encoder": "FacebookAI/roberta-base",
+        "model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "query_encoder": "FacebookAI/roberta-base",
         "num_groups": 16, "keys_per_group": 12, "top_k": 2, "r": 8, "lora_target": "all-linear",
         "max_instances_per_task": 100, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
         "learning_rate": 1e-5, "num_train_epochs": 3, "reinstatement_alpha": 1.0,
@@ -106,4 +108,23 @@ def test_recipe_runs_under_two_process_data_parallel(tmp_path):
     out = tmp_path / "out"
     assert json.loads((out / "metrics.json").read_text())["metrics"]["all"]["rougeL"] >= 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
-    assert sorted(p.name for p in (out / "adapter").iterdir()) == ["README.md", "adapter_config.json", "adapter_model.safetensors"]
+    assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "TKI"
+
+
+def test_the_recipe_trains_its_own_baseline_plain_lora_sft(tmp_path):
+    argv = [*tiny_argv(tmp_path), "--lta", "false", "--kr", "false", "--pcgrad", "false", "--evaluate_base_model", "false"]
+    metrics = sni_llama.main(argv)
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["r"]) == ("LORA", 4)
+    assert set(metrics) == {"adapter"} and metrics["adapter"]["all"]["rougeL"] >= 0
+
+
+@pytest.mark.slow
+def test_the_embedded_preset_trains_on_the_sni_slice_and_reports_per_category(tmp_path):
+    argv = ["--output_dir", str(tmp_path / "out"), "--num_train_rows", "8", "--num_eval_prompts", "6", "--max_steps", "2",
+            "--prior_inputs_steps", "1"]  # fmt: skip
+    metrics = sni_llama.main(argv)
+    assert {"adapter", "base", "copy_input", "copy_demo"} == set(metrics)
+    assert len(metrics["adapter"]) > 2 and "all" in metrics["adapter"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "copy_demo" in card and "HuggingFaceTB/SmolLM2-135M-Instruct" in card

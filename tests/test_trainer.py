@@ -87,7 +87,9 @@ ADAPTERS = {
 
 
 def kr_trainer(tmp_path, name, store_dir=None, adapter="tki", **overrides):
-    settings = {**common(tmp_path, name), **overrides}
+    """A KR trainer; a given store was written with learning rate 0 (q = e) or then overwritten, as said."""
+    stage1 = {"prior_inputs_learning_rate": 0.0} if store_dir else {}
+    settings = {**common(tmp_path, name), **stage1, **overrides}
     return TKITrainer(tiny_llama(), args=TKIConfig(**settings, prior_inputs_dir=store_dir, lta=adapter == "tki"),
                       train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=ADAPTERS[adapter]())
 
@@ -143,12 +145,9 @@ def test_pcgrad_update_is_the_same_for_accumulation_and_one_large_batch(tmp_path
 @pytest.mark.parametrize(
     "overrides,data,message",
     [
-        (dict(packing=True), None, "packing"),
-        (dict(completion_only_loss=False), None, "completion_only_loss=True"),
-        (dict(prior_inputs_dir="/nonexistent"), None, "no prior-input store"),
-        ({}, Dataset.from_list([{"id": "a", "text": "The island is land."}]), "prompt' and 'completion'"),
-        ({}, Dataset.from_list([{"id": "a", "messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]}]), "messages_to_prompt_completion"),
-        ({}, rows().remove_columns("id"), "'id' column"),
+        ({}, Dataset.from_list([{"id": "a", "text": "The island is land."}]), "set kr=False"),
+        ({}, rows().map(lambda row: {"prompt": ""}), "empty prompt"),
+        ({}, rows().map(lambda row, i: {"id": "same"}, with_indices=True), "duplicates"),
         (dict(kr=False), Dataset.from_list([{"id": "a", "content": "The island is land."}]), "'prompt', 'messages' or 'text'"),
     ],
 )
@@ -159,10 +158,32 @@ def test_bad_input_is_refused_at_construction(tmp_path, overrides, data, message
                    processing_class=tiny_tokenizer(), peft_config=tki_config())
 
 
-def test_plain_lora_with_lta_and_mismatched_dimensions_are_refused(tmp_path):
-    with pytest.raises(ValueError, match="LatentLoraConfig"):
-        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "bad")), train_dataset=rows(),
-                   processing_class=tiny_tokenizer(), peft_config=shared_lora())
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(packing=True), "packing"),
+        (dict(completion_only_loss=False), "completion_only_loss=True"),
+        (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
+        (dict(activation_offloading=True), "activation_offloading=False"),
+        (dict(fsdp="full_shard"), "FSDP"),
+        (dict(prior_inputs_dir="/nonexistent"), "no prior-input store"),
+    ],
+)
+def test_configurations_tki_cannot_honour_are_refused_by_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TKIConfig(**{**common(tmp_path, "bad"), **overrides})
+
+
+def test_a_lora_config_with_lta_becomes_the_tki_adapter_and_fields_it_cannot_carry_are_refused(tmp_path):
+    trainer = TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "lora"), kr=False), train_dataset=rows(),
+                         processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    config = trainer.model.peft_config["default"]
+    assert (config.peft_type, config.r, config.lora_alpha) == ("TKI", 4, 8)
+    assert len(config.target_modules) == 14  # all-linear: 7 linear layers in each of 2 blocks
+    assert (config.num_groups, config.keys_per_group, config.key_dim) == (16, 12, KEY_DIM)
+    with pytest.raises(ValueError, match="use_dora"):
+        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "dora"), kr=False), train_dataset=rows(),
+                   processing_class=tiny_tokenizer(), peft_config=ADAPTERS["dora"]())
     with pytest.raises(ValueError, match="key_dim=32"):
         TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "bad")), train_dataset=rows(),
                    processing_class=tiny_tokenizer(), peft_config=tki_config(key_dim=32))
@@ -242,3 +263,38 @@ def test_tki_config_parses_from_the_command_line_like_sft_config():
         ["--output_dir", "x", "--use_cpu", "true", "--kr", "false", "--reinstatement_alpha", "0.5", "--query_encoder", "embedded"]
     )
     assert (args.kr, args.lta, args.reinstatement_alpha, args.query_encoder) == (False, True, 0.5, "embedded")
+
+
+def test_a_trainable_head_read_by_the_fused_lm_head_falls_back_to_the_third_backward(tmp_path):
+    """TRL's fused LM head reads ``lm_head.weight`` without calling the module, so the capture never sees the head;
+    a mixed micro-batch must then take the third backward, and give the update of four micro-batches of one."""
+    store = noisy_store(tmp_path, scale=0.5)
+    ADAPTERS["head"] = lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
+                                          modules_to_save=["lm_head"])  # fmt: skip
+    try:
+        _, accumulated, _ = adapter_after_one_step(tmp_path, "ga", str(store.path), batch=1, accumulation=4, adapter="head")
+        _, large, trainer = adapter_after_one_step(tmp_path, "large", str(store.path), batch=4, accumulation=1, adapter="head")
+    finally:
+        del ADAPTERS["head"]
+    log = next(e for e in trainer.state.log_history if "loss_sft" in e)
+    assert 0 < log["reinst_q_win_rate"] < 1 and log["pcgrad_backward_passes"] == 3
+    assert any("lm_head" in name for name in large)
+    for name in large:
+        torch.testing.assert_close(accumulated[name], large[name], atol=1e-6, rtol=1e-5)
+
+
+def test_without_a_token_count_the_pcgrad_step_scales_like_the_trainers(tmp_path, monkeypatch):
+    """With ``num_items_in_batch`` None the Trainer divides each micro-batch's loss by the accumulation steps; the
+    PCGrad step must too. With q = e the two objectives are equal, so PCGrad (no conflict) and the plain sum of the
+    losses (the Trainer's own step) log the same loss and gradient norm."""
+    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    logs = {}
+    for pcgrad in (True, False):
+        trainer = kr_trainer(tmp_path, f"scale-{pcgrad}", store_dir=str(store.path), pcgrad=pcgrad, max_steps=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-3)  # fmt: skip
+        batches = trainer.get_batch_samples
+        monkeypatch.setattr(trainer, "get_batch_samples", lambda *a, batches=batches, **k: (batches(*a, **k)[0], None))
+        trainer.train()
+        logs[pcgrad] = [value for e in trainer.state.log_history if "grad_norm" in e for value in (e["loss"], e["grad_norm"])]
+    assert len(logs[True]) == 4
+    assert logs[True] == pytest.approx(logs[False], rel=1e-5)

@@ -5,7 +5,8 @@ Importing the package registers the TKI tuner with PEFT, so `PeftModel.from_pret
 
 from .config import TKIConfig
 from .data import add_query_embeddings
-from .embedded import embedded_lora_config, load_embedded_encoder, load_embedded_model
+from .embedded import load_embedded_encoder, load_embedded_model
+from .presets import embedded_lora_config
 from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs
 from .trainer import TKITrainer
 from .tuner import LatentLoraConfig, TKIModel, export_lora, route

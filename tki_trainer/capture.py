@@ -24,9 +24,10 @@ class SubsetGradients:
     trainable parameter (``grad_i``: example ``i``'s share of the backward's gradient).
 
     ``supported`` is False when some trainable parameter is neither such a linear weight nor a bank (DoRA
-    magnitudes, trainable biases or embeddings, ``modules_to_save``): callers then take another backward.
-    ``complete`` is False after a recording in which some output carried no gradient (reentrant activation
-    checkpointing runs the forward without autograd).
+    magnitudes, trainable biases or embeddings): callers then take another backward. ``complete`` is checked, not
+    assumed: it is False after a recording in which some covered parameter's hook did not fire (a module whose
+    weight is read without calling it, as TRL's fused LM head reads ``lm_head.weight``) or some output carried no
+    gradient (reentrant activation checkpointing runs the forward without autograd).
     """
 
     def __init__(self, model: nn.Module, parameters: list[nn.Parameter]) -> None:
@@ -45,14 +46,15 @@ class SubsetGradients:
             covered |= {id(p) for bank in (layer.tki_latent_A, layer.tki_latent_B) for p in bank.values()}
         self.supported = all(id(p) in covered for p in parameters)
         self.weights: torch.Tensor | None = None
-        self.complete = False
+        self._seen: set[int] = set()
+        self._blind = True
         self._gradients: list[torch.Tensor | None] = [None] * len(parameters)
 
     @contextmanager
     def recording(self) -> Iterator[None]:
         """Wrap the forward whose backward should also give a subset's gradient (set ``weights`` before that
         backward; with ``weights`` None the recorded hooks do nothing)."""
-        self.complete = self.supported
+        self._seen, self._blind = set(), False
         handles = [module.register_forward_hook(self._on_linear) for module in self._linears]
         for layer in self._banks:
             layer.gather_observer = self._on_gather
@@ -63,6 +65,11 @@ class SubsetGradients:
                 handle.remove()
             for layer in self._banks:
                 layer.gather_observer = None
+
+    @property
+    def complete(self) -> bool:
+        """Whether the last recording saw every trainable parameter used with autograd on."""
+        return self.supported and not self._blind and self._seen >= self._index.keys()
 
     def take(self) -> list[torch.Tensor | None]:
         """The weighted subset's gradients, aligned with ``parameters`` (dense, or sparse rows for banks)."""
@@ -75,8 +82,9 @@ class SubsetGradients:
 
     def _on_linear(self, module: nn.Linear, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
         if not output.requires_grad:
-            self.complete = False
+            self._blind = True
             return
+        self._seen.add(id(module.weight))
         seen = inputs[0].detach()
 
         def hook(grad: torch.Tensor) -> None:
@@ -91,8 +99,9 @@ class SubsetGradients:
     def _on_gather(self, bank: nn.Parameter, indices: torch.Tensor, rows: torch.Tensor) -> None:
         """``rows[batch * k, ...]`` were gathered from ``bank`` at ``indices``, ``k`` consecutive rows per example."""
         if not rows.requires_grad:
-            self.complete = False
+            self._blind = True
             return
+        self._seen.add(id(bank))
 
         def hook(grad: torch.Tensor) -> None:
             if self.weights is None:

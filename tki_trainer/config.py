@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from trl import SFTConfig
@@ -10,12 +13,45 @@ from trl import SFTConfig
 from .reinstatement import PriorInputConfig
 
 
+PRIOR_INPUTS_PREFIX = "prior_inputs_"
+
+
+def _prior_input_fields() -> list[tuple[str, type, dataclasses.Field]]:
+    """`PriorInputConfig`'s fields as ``prior_inputs_<name>`` arguments: the stage-1 settings are declared once, in
+    `PriorInputConfig`, and reach `TKIConfig` and ``tki-prepare`` from there."""
+    hints = typing.get_type_hints(PriorInputConfig)
+    return [
+        (PRIOR_INPUTS_PREFIX + f.name, hints[f.name], field(default=f.default, metadata=dict(f.metadata)))
+        for f in dataclasses.fields(PriorInputConfig)
+    ]
+
+
+def _prior_input_config(self) -> PriorInputConfig:
+    """The stage-1 settings these arguments hold."""
+    return PriorInputConfig(
+        **{f.name: getattr(self, PRIOR_INPUTS_PREFIX + f.name) for f in dataclasses.fields(PriorInputConfig)}
+    )
+
+
+PriorInputArguments = dataclasses.make_dataclass(
+    "PriorInputArguments",
+    _prior_input_fields(),
+    namespace={"prior_input_config": property(_prior_input_config), "__module__": __name__},
+)
+PriorInputArguments.__doc__ = "Knowledge-reinstatement stage-1 settings as ``prior_inputs_*`` arguments."
+
+
 @dataclass
-class TKIConfig(SFTConfig):
+class TKIConfig(SFTConfig, PriorInputArguments):
     """Configuration of `TKITrainer`. Every `SFTConfig` field keeps its meaning; with ``lta``, ``kr`` and
     ``pcgrad`` off the trainer is `SFTTrainer`. Like `SFTConfig`, a CPU-only machine needs ``use_cpu=True`` or
-    ``bf16=False``."""
+    ``bf16=False``.
 
+    Every check that needs only the configuration runs here, at construction (PEFT's ``LoraConfig`` does the same),
+    so a bad combination fails before a model or dataset is loaded.
+    """
+
+    # The three mechanisms
     lta: bool = field(
         default=True,
         metadata={"help": "Latent task adaptation: route each example to its retrieved latent LoRA increments."},
@@ -34,6 +70,8 @@ class TKIConfig(SFTConfig):
     reinstatement_alpha: float = field(
         default=1.0, metadata={"help": "alpha: weight of the reinstatement loss, total = L_sft + alpha * L_reinst."}
     )
+
+    # Inputs TKI computes when the dataset lacks them
     query_encoder: str = field(
         default="FacebookAI/roberta-base",
         metadata={
@@ -52,24 +90,20 @@ class TKIConfig(SFTConfig):
         default="store",
         metadata={
             "help": "'store': read prior inputs from a store (computed once); 'on_the_fly': run stage 1 on each "
-            "batch inside training, for datasets whose store would not fit on disk."
+            "batch inside training, for datasets whose store would not fit on disk.",
+            "choices": ["store", "on_the_fly"],
         },
     )
-    prior_inputs_steps: int = field(default=PriorInputConfig.steps, metadata={"help": "Stage-1 steps per example."})
-    prior_inputs_learning_rate: float = field(
-        default=PriorInputConfig.learning_rate, metadata={"help": "Stage-1 Adam learning rate."}
-    )
-    prior_inputs_wasserstein_weight: float = field(
-        default=PriorInputConfig.wasserstein_weight, metadata={"help": "lam: weight of W(q, e) in stage 1."}
-    )
-    prior_inputs_batch_size: int = field(
-        default=PriorInputConfig.batch_size, metadata={"help": "Examples optimised together in stage 1 (store mode)."}
-    )
+
+    # Dataset columns
     query_embedding_column: str = field(default="query_embedding", metadata={"help": "Column of query embeddings."})
     group_id_column: str = field(
         default="group_id", metadata={"help": "Column of latent-task group ids; absent: a seeded hash of the id."}
     )
-    id_column: str = field(default="id", metadata={"help": "Column of stable, unique example ids."})
+    id_column: str = field(
+        default="id", metadata={"help": "Column of stable, unique example ids; absent: a hash of the row's content."}
+    )
+
     hub_strategy: str = field(
         default="end",
         metadata={
@@ -81,16 +115,51 @@ class TKIConfig(SFTConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.prior_input_config  # noqa: B018 - validates the stage-1 settings
         if self.prior_inputs_mode not in ("store", "on_the_fly"):
             raise ValueError(f"prior_inputs_mode must be 'store' or 'on_the_fly', got {self.prior_inputs_mode!r}.")
         if self.reinstatement_alpha < 0:
             raise ValueError(f"reinstatement_alpha must be >= 0, got {self.reinstatement_alpha}.")
-
-    @property
-    def prior_input_config(self) -> PriorInputConfig:
-        return PriorInputConfig(
-            steps=self.prior_inputs_steps,
-            learning_rate=self.prior_inputs_learning_rate,
-            wasserstein_weight=self.prior_inputs_wasserstein_weight,
-            batch_size=self.prior_inputs_batch_size,
-        )
+        if (self.lta or self.kr) and (self.packing or self.padding_free):
+            raise ValueError(
+                "packing / padding_free merge examples into one row, but TKI routes and reinstates per example: "
+                "set packing=False and padding_free=False."
+            )
+        engine = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else None
+        if engine and self.lta:
+            raise ValueError(
+                f"{engine} reduces and shards gradients itself, and the latent bank's gradients are row-sparse: "
+                "train LTA with DDP (accelerate launch --config_file recipes/accelerate/ddp.yaml), or set lta=False."
+            )
+        if engine and self.kr and self.pcgrad:
+            raise ValueError(
+                f"PCGrad needs each objective's full gradient, which {engine} shards and reduces itself: set "
+                "pcgrad=False (KR still works) or train with DDP."
+            )
+        if self.push_to_hub and self.hub_strategy != "end":
+            raise ValueError(
+                f"hub_strategy={self.hub_strategy!r} pushes during training, which uploads the Trainer's pickled "
+                "state (training_args.bin, checkpoints): TKITrainer pushes once, with hub_strategy='end'."
+            )
+        if not self.kr:
+            return
+        if self.completion_only_loss is False:
+            raise ValueError(
+                "Knowledge reinstatement acts on the completion span only: set completion_only_loss=True (or leave it "
+                "unset), or kr=False."
+            )
+        if self.label_smoothing_factor > 0:
+            raise ValueError(
+                "label_smoothing_factor needs the full logits, while knowledge reinstatement compares per-example "
+                "losses from TRL's fused LM head: set label_smoothing_factor=0 (loss_type='dft' works) or kr=False."
+            )
+        if self.pcgrad and self.activation_offloading:
+            raise ValueError(
+                "PCGrad takes a backward pass per objective through graphs that activation offloading moves off the "
+                "device: set activation_offloading=False, or pcgrad=False."
+            )
+        if self.prior_inputs_dir is not None and not Path(self.prior_inputs_dir, "store.json").is_file():
+            raise ValueError(
+                f"prior_inputs_dir={self.prior_inputs_dir} holds no prior-input store (no store.json): write one with "
+                "tki_trainer.compute_prior_inputs or tki-prepare, or leave prior_inputs_dir unset to compute it."
+            )

@@ -17,8 +17,6 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from .tuner import LatentLoraConfig
-
 
 MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """The Hub model the packaged GGUF file was made from; adapters trained on it name it as their base model."""
@@ -92,27 +90,6 @@ def load_embedded_encoder(device: str | None = None):
     encoder = SentenceTransformer(str(path), device=device)
     encoder.model_card_data.base_model = ENCODER_NAME
     return encoder
-
-
-def embedded_lora_config(**overrides) -> LatentLoraConfig:
-    """The embedded preset's adapter: shared LoRA r=8 on all linear layers, a C=4 x Q=8 bank (k=2, rank 8) on
-    q_proj/v_proj keyed by all-MiniLM-L6-v2 embeddings."""
-    values = dict(
-        r=8,
-        lora_alpha=16,
-        target_modules="all-linear",
-        latent_r=8,
-        latent_alpha=16,
-        latent_target_modules=["q_proj", "v_proj"],
-        num_groups=4,
-        keys_per_group=8,
-        top_k=2,
-        key_dim=ENCODER_DIM,
-        blend="cosine",
-        encoder_name=ENCODER_NAME,
-        encoder_dim=ENCODER_DIM,
-    )
-    return LatentLoraConfig(**{**values, **overrides})
 
 
 def load_query_encoder(name: str, device: str | None = None):

@@ -7,6 +7,7 @@ import os
 import re
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects
@@ -59,6 +60,30 @@ def render_model_card(
         training_data=training_data,
         evaluation=evaluation,
     )
+
+
+def training_summary(args: Any, rows: int, dataset_name: str | None = None) -> str:
+    """The card's "Training" line, from a `TKIConfig`: rows, length, epochs, rate, effective batch, switches."""
+    source = f" of `{dataset_name}`" if dataset_name else ""
+    batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+    switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
+    return (
+        f"{rows} rows{source}, at most {args.max_length} tokens, {args.num_train_epochs:g} epoch(s), learning rate "
+        f"{args.learning_rate:g}, effective batch {batch}; {switches}, reinstatement alpha {args.reinstatement_alpha:g}."
+    )
+
+
+def evaluation_table(log_history: list[dict[str, Any]]) -> str:
+    """The last evaluation a run logged, as a Markdown table (the card's "Evaluation" section)."""
+    last = next((entry for entry in reversed(log_history) if any(key.startswith("eval_") for key in entry)), None)
+    if last is None:
+        return "No evaluation was run during training."
+    rows = [
+        f"| {key.removeprefix('eval_')} | {value:.4g} |"
+        for key, value in last.items()
+        if key.startswith("eval_") and isinstance(value, (int, float))
+    ]
+    return f"At step {last.get('step', '?')}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
 def write_model_card(adapter_dir: str | os.PathLike, text: str) -> None:

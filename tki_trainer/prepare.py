@@ -18,14 +18,18 @@ from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from .config import PriorInputArguments
 from .data import add_query_embeddings, fit_prompts, load_local, load_p3
-from .embedded import load_embedded_model, load_query_encoder
-from .reinstatement import PriorInputConfig, compute_prior_inputs
+from .embedded import load_embedded_model
+from .preparation import as_prompt_completion, query_encoder, with_ids
+from .reinstatement import compute_prior_inputs
 from .reinstatement.stage1 import DEFAULT_MAX_LENGTH
 
 
 @dataclass
 class PrepareArguments:
+    """``tki-prepare``'s arguments besides the stage-1 settings, which are `TKIConfig`'s ``prior_inputs_*`` ones."""
+
     data: str = field(metadata={"help": "A P3 .jsonl.gz file, or a .json/.jsonl file of prompt/completion or messages rows."})
     output_dir: str = field(metadata={"help": "Where dataset/ and prior_inputs/ are written (and resumed from)."})
     model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path / Hub id."})
@@ -37,13 +41,6 @@ class PrepareArguments:
     seed: int = field(default=0, metadata={"help": "Seed of the sample."})
     max_length: Optional[int] = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Token budget per row, as TKIConfig.max_length."})
     overlong: str = field(default="truncate_left", metadata={"help": "'truncate_left' or 'drop' rows over max_length."})
-    steps: int = field(default=PriorInputConfig.steps, metadata={"help": "Stage-1 optimisation steps per example."})
-    learning_rate: float = field(default=PriorInputConfig.learning_rate, metadata={"help": "Stage-1 Adam learning rate."})
-    wasserstein_weight: float = field(
-        default=PriorInputConfig.wasserstein_weight, metadata={"help": "lam: weight of W(q, e) keeping q near the prompt."}
-    )
-    wasserstein: str = field(default=PriorInputConfig.wasserstein, metadata={"help": "'emd' (exact) or 'sinkhorn'."})
-    batch_size: int = field(default=PriorInputConfig.batch_size, metadata={"help": "Examples optimised together."})
 
 
 def load_rows(args: PrepareArguments) -> Dataset:
@@ -55,16 +52,10 @@ def load_rows(args: PrepareArguments) -> Dataset:
 
 
 def main(argv: list[str] | None = None) -> None:
-    (args,) = HfArgumentParser(PrepareArguments).parse_args_into_dataclasses(args=argv)
+    args, stage1 = HfArgumentParser((PrepareArguments, PriorInputArguments)).parse_args_into_dataclasses(args=argv)
     if not Path(args.data).is_file():
         raise SystemExit(f"tki-prepare: no data file at {args.data}")
-    config = PriorInputConfig(
-        steps=args.steps,
-        learning_rate=args.learning_rate,
-        wasserstein_weight=args.wasserstein_weight,
-        wasserstein=args.wasserstein,
-        batch_size=args.batch_size,
-    )
+    config = stage1.prior_input_config
     state = PartialState()
     output_dir = Path(args.output_dir)
     if args.model == "embedded":
@@ -79,9 +70,11 @@ def main(argv: list[str] | None = None) -> None:
         if (dataset_dir / "dataset_info.json").is_file():
             dataset = load_from_disk(str(dataset_dir))
         else:
-            dataset, report = fit_prompts(load_rows(args), tokenizer, args.max_length, args.overlong) if args.max_length else (load_rows(args), None)
-            encoder = load_query_encoder(args.encoder)
-            dataset = add_query_embeddings(dataset, encoder, cache_dir=output_dir / "_cache")
+            dataset = as_prompt_completion(with_ids(load_rows(args)))
+            report = None
+            if args.max_length:
+                dataset, report = fit_prompts(dataset, tokenizer, args.max_length, args.overlong)
+            dataset = add_query_embeddings(dataset, query_encoder(args.encoder), cache_dir=output_dir / "_cache")
             if state.is_main_process:
                 dataset.save_to_disk(str(dataset_dir))
                 if report is not None:

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+from collections import Counter
 from typing import Any
 
 from datasets import Dataset
+
+
+CONTENT_COLUMNS = ("prompt", "completion", "messages", "text")
 
 
 def as_conversational(dataset: Dataset) -> Dataset:
@@ -57,3 +63,27 @@ def check_prompt_completion_rows(dataset: Dataset) -> None:
         text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
         if not text.strip():
             raise ValueError(f"Row {example_id!r} has an empty completion: drop it, there is no target to reinstate.")
+
+
+def with_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
+    """``dataset`` with an ``id_column``: kept when present (it must be unique), else a hash of each row's content.
+
+    A repeated row gets its content hash plus the number of earlier repeats, so ids stay unique and do not depend
+    on the row order of other rows."""
+    if id_column in dataset.column_names:
+        ids = dataset[id_column]
+        repeated = [i for i, n in Counter(ids).items() if n > 1]
+        if repeated:
+            raise ValueError(
+                f"The '{id_column}' column has duplicates (e.g. {repeated[:3]}); TKI keys groups and prior inputs by "
+                "it: make the ids unique, or drop the column to let TKI hash each row's content."
+            )
+        return dataset
+    content = [c for c in CONTENT_COLUMNS if c in dataset.column_names]
+    seen: Counter[str] = Counter()
+    ids = []
+    for row in dataset.select_columns(content):
+        digest = hashlib.sha256(json.dumps([row[c] for c in content], sort_keys=True).encode()).hexdigest()[:16]
+        ids.append(digest if not seen[digest] else f"{digest}-{seen[digest]}")
+        seen[digest] += 1
+    return dataset.add_column(id_column, ids)

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 
 from datasets import Dataset, load_dataset
 
-from .formats import messages_to_prompt_completion
+from .formats import messages_to_prompt_completion, with_ids
 
 
 def load_local(path: str | os.PathLike, *, split_messages: bool = True) -> Dataset:
@@ -25,10 +23,4 @@ def load_local(path: str | os.PathLike, *, split_messages: bool = True) -> Datas
         dataset = dataset.map(messages_to_prompt_completion, remove_columns="messages", desc="Splitting messages")
     elif not ({"prompt", "completion"} <= columns or "messages" in columns):
         raise ValueError(f"{path} needs prompt/completion or messages rows; its columns are {sorted(columns)}.")
-    if "id" not in dataset.column_names:
-        content = [c for c in ("prompt", "completion", "messages") if c in dataset.column_names]
-        dataset = dataset.map(
-            lambda row: {"id": hashlib.sha256(json.dumps([row[c] for c in content], sort_keys=True).encode()).hexdigest()[:16]},
-            desc="Adding ids",
-        )
-    return dataset
+    return with_ids(dataset)

@@ -1,48 +1,78 @@
 """Knowledge reinstatement, stage 2: the two training objectives, per example, from TRL's fused outputs.
 
 With ``n_i`` completion tokens of example ``i``, ``N`` those of the effective batch (SFTTrainer's divisor) and
-``CE_x,i`` / ``CE_q,i`` the example's mean token cross-entropy with its real prompt and with its prior input:
-``L_sft = sum_i n_i CE_x,i / N`` (SFTTrainer's loss) and ``L_reinst = sum_i n_i max(CE_q,i, CE_x,i) / N``.
-TRL's fused LM head gives per-token log-probabilities (zero at ignored positions), never full logits, and the
-per-example sums ``n_i CE_i`` are their row sums.
+``l_x,i`` / ``l_q,i`` the example's summed token loss with its real prompt and with its prior input:
+``L_sft = sum_i l_x,i / N`` (SFTTrainer's loss) and ``L_reinst = sum_i max(l_q,i, l_x,i) / N``. The token loss
+is SFTTrainer's for its ``loss_type``: the negative log-probability (``"nll"``) or DFT's probability-weighted one
+(``"dft"``). TRL's fused LM head gives per-token log-probabilities (zero at ignored positions), never full
+logits, and the per-example sums are their row sums.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 
-def summed_cross_entropy(outputs) -> torch.Tensor:
-    """``n_i * CE_i`` per example, [batch], from a `FusedCausalLMOutput`."""
-    return -outputs.log_probs.sum(dim=1)
+def summed_token_loss(outputs: Any, loss_type: str = "nll") -> torch.Tensor:
+    """``l_i``, the summed token loss of each example, [batch], from a `FusedCausalLMOutput` (as SFTTrainer's
+    ``compute_loss`` computes it before dividing by the token count)."""
+    per_token = -outputs.log_probs
+    if loss_type == "dft":
+        per_token = per_token * outputs.log_probs.exp().detach()
+    return per_token.sum(dim=1)
 
 
 @dataclass
 class Objectives:
     """The per-example terms of one micro-batch and the two losses they make."""
 
-    ce_x: torch.Tensor
-    """[batch] summed token cross-entropy with the real prompt."""
-    ce_q: torch.Tensor
+    loss_x: torch.Tensor
+    """[batch] summed token loss with the real prompt."""
+    loss_q: torch.Tensor
     """[batch] the same with the prior input."""
     divisor: torch.Tensor
 
     @property
     def q_wins(self) -> torch.Tensor:
         """Examples whose prior input is the harder one: there the reinstatement term follows ``q``."""
-        return self.ce_q > self.ce_x
+        return self.loss_q > self.loss_x
 
     @property
     def sft(self) -> torch.Tensor:
-        return self.ce_x.sum() / self.divisor
+        return self.loss_x.sum() / self.divisor
 
     @property
     def reinstatement(self) -> torch.Tensor:
-        return torch.maximum(self.ce_q, self.ce_x).sum() / self.divisor
+        return torch.maximum(self.loss_q, self.loss_x).sum() / self.divisor
 
     @property
     def reinstatement_through_q(self) -> torch.Tensor:
         """The part of ``L_reinst`` that flows through the prior-input graph (examples where ``q`` wins)."""
-        return torch.where(self.q_wins, self.ce_q, torch.zeros_like(self.ce_q)).sum() / self.divisor
+        return torch.where(self.q_wins, self.loss_q, torch.zeros_like(self.loss_q)).sum() / self.divisor
+
+
+def reinstatement_objectives(
+    model: nn.Module,
+    inputs: dict[str, torch.Tensor],
+    prompt_outputs: Any,
+    prior_deltas: torch.Tensor,
+    embedding: nn.Module,
+    divisor: torch.Tensor,
+    loss_type: str = "nll",
+) -> Objectives:
+    """Both objectives of a micro-batch, given the real-prompt forward's fused outputs: one more forward, through
+    the prior inputs ``q = e + prior_deltas`` (``[batch, prompt_tokens, hidden]``, zero past each prompt; TRL's
+    batches start every prompt at position 0), same routing and labels."""
+    embeddings = embedding(inputs["input_ids"])
+    padding = (0, 0, 0, embeddings.shape[1] - prior_deltas.shape[1])
+    prior = {key: value for key, value in inputs.items() if key != "input_ids"}
+    prior["inputs_embeds"] = embeddings + F.pad(prior_deltas.to(embeddings.dtype), padding)
+    prior_outputs = model(**prior, fused_lm_head=True)
+    return Objectives(
+        summed_token_loss(prompt_outputs, loss_type), summed_token_loss(prior_outputs, loss_type), divisor
+    )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal, Optional, Union
+from typing import Any, Literal, Optional, Union
 
+from peft import LoraConfig
 from peft.config import PeftConfig
 
 
@@ -112,6 +114,27 @@ class LatentLoraConfig(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 setattr(self, name, set(value))
+
+    @classmethod
+    def from_lora_config(cls, lora: LoraConfig, **bank: Any) -> LatentLoraConfig:
+        """The TKI adapter whose shared LoRA is ``lora``, with the bank given by ``bank`` (fields of this config;
+        the rest keep the paper's values). A LoRA field the TKI layer cannot honour (DoRA, rsLoRA, biases, rank
+        patterns, other initialisations, ...) is refused, naming it, rather than silently dropped."""
+        carried = {"r", "lora_alpha", "target_modules", "exclude_modules", "lora_dropout", "task_type"}
+        carried |= {f.name for f in dataclasses.fields(PeftConfig)} - {"peft_type"}
+        default = LoraConfig()
+        refused = sorted(
+            f.name
+            for f in dataclasses.fields(LoraConfig)
+            if f.name not in carried and f.name != "peft_type" and getattr(lora, f.name) != getattr(default, f.name)
+        )
+        if refused:
+            raise ValueError(
+                f"lta=True builds the TKI adapter from your LoraConfig, but TKI layers cannot honour {refused}: "
+                "leave them at LoRA's defaults, pass a tki_trainer.LatentLoraConfig, or set lta=False."
+            )
+        values = {name: getattr(lora, name) for name in carried if name not in ("auto_mapping", "peft_version")}
+        return cls(**{**values, **bank})
 
     @property
     def num_latent_tasks(self) -> int:

@@ -1,0 +1,119 @@
+"""The two presets, in one place: the TKI paper's setting (GPUs) and the embedded default (a CPU).
+
+Every value carries its origin: ``paper`` (the TKI paper states it) or ``ours`` (a choice the paper does not
+make). The recipe, the benchmarks and the embedded helpers read them from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig
+
+from .embedded import ENCODER_DIM, ENCODER_NAME
+from .tuner import LatentLoraConfig
+
+
+PAPER, OURS = "paper", "ours"
+
+RECIPE_DATA = Path(__file__).resolve().parent.parent / "recipes" / "data"
+"""The data slices a source checkout ships for the embedded preset."""
+
+SHARED_LORA = {"r": (8, PAPER), "lora_alpha": (16, OURS), "lora_target": ("all-linear", PAPER)}
+"""The shared LoRA of both presets: the paper's rank 8 on all linear layers."""
+
+PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "paper": {
+        "model_name_or_path": ("meta-llama/Llama-3.1-8B-Instruct", PAPER),
+        "query_encoder": ("FacebookAI/roberta-base", PAPER),
+        "num_groups": (16, PAPER),
+        "keys_per_group": (12, PAPER),
+        "top_k": (2, PAPER),
+        **SHARED_LORA,
+        "latent_r": (8, OURS),
+        "latent_alpha": (16, OURS),
+        "latent_target_modules": ("q_proj,v_proj", OURS),
+        "max_instances_per_task": (100, PAPER),
+        "num_validation_tasks": (128, OURS),
+        "per_device_train_batch_size": (1, PAPER),
+        "gradient_accumulation_steps": (4, PAPER),
+        "learning_rate": (1e-5, PAPER),
+        "num_train_epochs": (3, PAPER),
+        "reinstatement_alpha": (1.0, PAPER),
+        "prior_inputs_steps": (3, PAPER),
+        "prior_inputs_learning_rate": (5e-6, PAPER),
+        "prior_inputs_wasserstein_weight": (1.0, OURS),
+        "max_length": (512, OURS),
+        "bf16": (True, OURS),
+    },
+    "embedded": {
+        "model_name_or_path": ("embedded", OURS),
+        "query_encoder": ("embedded", OURS),
+        "train_data": (str(RECIPE_DATA / "sni_slice"), OURS),
+        "num_train_rows": (160, OURS),
+        "num_eval_prompts": (150, OURS),
+        "max_instances_per_task": (100, OURS),
+        "num_validation_tasks": (6, OURS),
+        "num_groups": (4, OURS),
+        "keys_per_group": (8, OURS),
+        "top_k": (2, OURS),
+        **SHARED_LORA,
+        "latent_r": (8, OURS),
+        "latent_alpha": (16, OURS),
+        "latent_target_modules": ("q_proj,v_proj", OURS),
+        "per_device_train_batch_size": (4, OURS),
+        "gradient_accumulation_steps": (1, OURS),
+        "learning_rate": (2e-4, OURS),
+        "num_train_epochs": (1, OURS),
+        "max_length": (256, OURS),
+        "prior_inputs_steps": (3, OURS),
+        "prior_inputs_learning_rate": (1e-3, OURS),
+        "use_cpu": (True, OURS),
+        "bf16": (False, OURS),
+        "activation_checkpointing": (False, OURS),
+        "save_steps": (10, OURS),
+        "save_total_limit": (1, OURS),
+    },
+}
+
+
+def _modules(value: str) -> str | list[str]:
+    return value if value == "all-linear" else value.split(",")
+
+
+def shared_lora_config(preset: str = "paper", **overrides: Any) -> LoraConfig:
+    """A preset's shared LoRA as a plain `peft.LoraConfig` (what ``lta=False`` trains)."""
+    values = {name: value for name, (value, _) in PRESETS[preset].items()}
+    return LoraConfig(
+        r=overrides.get("r", values["r"]),
+        lora_alpha=overrides.get("lora_alpha", values["lora_alpha"]),
+        target_modules=_modules(overrides.get("lora_target", values["lora_target"])),
+        task_type="CAUSAL_LM",
+    )
+
+
+def latent_lora_config(preset: str = "paper", *, key_dim: int, **overrides: Any) -> LatentLoraConfig:
+    """A preset's TKI adapter: its shared LoRA plus its bank, keyed by ``key_dim``-dimensional queries."""
+    values = {name: value for name, (value, _) in PRESETS[preset].items()}
+    values.update(overrides)
+    return LatentLoraConfig.from_lora_config(
+        shared_lora_config(preset, **overrides),
+        latent_r=values["latent_r"],
+        latent_alpha=values["latent_alpha"],
+        latent_target_modules=_modules(values["latent_target_modules"]),
+        num_groups=values["num_groups"],
+        keys_per_group=values["keys_per_group"],
+        top_k=values["top_k"],
+        key_dim=key_dim,
+        encoder_name=values.get("encoder_name"),
+        encoder_dim=key_dim if values.get("encoder_name") else None,
+    )
+
+
+def embedded_lora_config(**overrides: Any) -> LatentLoraConfig:
+    """The embedded preset's adapter: shared LoRA r=8 on all linear layers, a C=4 x Q=8 bank (k=2, rank 8) on
+    q_proj/v_proj keyed by all-MiniLM-L6-v2 embeddings. ``overrides`` are `LatentLoraConfig` fields."""
+    config = latent_lora_config("embedded", key_dim=ENCODER_DIM, encoder_name=ENCODER_NAME)
+    return dataclasses.replace(config, **overrides)
