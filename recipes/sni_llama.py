@@ -144,17 +144,16 @@ def load_model(recipe: RecipeArguments, config: TKIConfig):
 
 
 def _per_group(dataset: Dataset, column: str, total: int | None, seed: int) -> Dataset:
-    """A seeded subset of ``total`` rows, as equal per value of ``column`` as the rows allow."""
+    """A seeded subset of ``total`` rows, as equal per value of ``column`` as the rows allow (round robin)."""
     if not total or total >= len(dataset):
         return dataset
     shuffled = dataset.shuffle(seed=seed)
-    values = sorted(set(shuffled[column]))
-    keep, taken = [], {value: 0 for value in values}
-    quota = max(1, total // len(values))
-    for index, value in enumerate(shuffled[column]):
-        if taken[value] < quota and len(keep) < total:
-            keep.append(index)
-            taken[value] += 1
+    seen: dict[str, int] = {}
+    ranks = []
+    for value in shuffled[column]:
+        ranks.append(seen.get(value, 0))
+        seen[value] = ranks[-1] + 1
+    keep = sorted(range(len(ranks)), key=lambda index: (ranks[index], index))[:total]
     return shuffled.select(sorted(keep))
 
 
@@ -174,22 +173,20 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
 
         train = sni_from_hub_rows(load_dataset(recipe.train_data, split="train"))
         evaluation = sni_from_hub_rows(load_dataset(recipe.train_data, split="test"))
-    train = _per_group(train, "task" if "task" in train.column_names else "cluster", recipe.num_train_rows, config.seed)
     if recipe.eval_data:
         evaluation, batch_by, report_by = group_references(load_p3(recipe.eval_data, seed=config.seed)), "cluster", "cluster"
     elif evaluation is None:
         raise SystemExit("sni_llama.py: P3 training rows need --eval_data (a P3 held-out .jsonl.gz).")
     else:
         batch_by, report_by = "task", "category"
-    evaluation = _per_group(evaluation, batch_by, recipe.num_eval_prompts, config.seed)
-    train, evaluation = as_conversational(train), as_conversational(evaluation)
-    fits = []
-    for name, rows in (("train", train), ("evaluation", evaluation)):
+    fitted = []
+    for name, rows, column, total in (("train", train, "task" if "task" in train.column_names else "cluster",
+                                       recipe.num_train_rows), ("evaluation", evaluation, batch_by, recipe.num_eval_prompts)):
         fit = fit_sni_prompts if "definition" in rows.column_names else fit_prompts
-        fitted, report = fit(rows, tokenizer, config.max_length)
-        fits.append((fitted, f"{name}: {len(fitted)} rows ({report})"))
-    print("; ".join(line for _, line in fits))
-    return fits[0][0], fits[1][0], batch_by, report_by
+        rows, report = fit(as_conversational(rows), tokenizer, config.max_length)
+        fitted.append(_per_group(rows, column, total, config.seed))
+        print(f"{name}: {report}; {len(fitted[-1])} of them used")
+    return fitted[0], fitted[1], batch_by, report_by
 
 
 def adapter_config(recipe: RecipeArguments, config: TKIConfig, key_dim: int):

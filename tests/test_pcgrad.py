@@ -1,7 +1,7 @@
+import pcgrad_collectives
 import pytest
 import torch
 
-from tki_trainer.optim import LazyAdamW, clip_grad_norm
 from tki_trainer.pcgrad import PCGradAccumulator, project
 
 
@@ -37,7 +37,10 @@ def test_accumulator_sums_micro_batches_then_projects_once_into_grad():
     a = torch.nn.Parameter(torch.zeros(2))
     b = torch.nn.Parameter(torch.zeros(1))
     accumulator = PCGradAccumulator([a, b])
-    pairs = [(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([-2.0, 1.0, 0.0])), (torch.tensor([0.0, 1.0, 0.5]), torch.tensor([0.0, -1.0, -1.0]))]
+    pairs = [
+        (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([-2.0, 1.0, 0.0])),
+        (torch.tensor([0.0, 1.0, 0.5]), torch.tensor([0.0, -1.0, -1.0])),
+    ]
     for g1, g2 in pairs:
         a.grad, b.grad = g1[:2].clone(), g1[2:].clone()
         accumulator.add(0, accumulator.take_gradients())
@@ -58,7 +61,10 @@ def test_sparse_bank_gradients_accumulate_like_dense_ones():
         for objective in range(2):
             values = torch.randn(len(rows), 2, generator=generator)
             g_other = torch.randn(6, 2, generator=generator)
-            sparse.add(objective, [torch.sparse_coo_tensor(torch.tensor([rows]), values, (6, 2), check_invariants=True), g_other])
+            sparse.add(
+                objective,
+                [torch.sparse_coo_tensor(torch.tensor([rows]), values, (6, 2), check_invariants=True), g_other],
+            )
             reference.add(objective, [torch.zeros(6, 2).index_add_(0, torch.tensor(rows), values), g_other])
     sparse_projection, reference_projection = sparse.apply(), reference.apply()
     assert bank.grad.is_sparse and sorted(bank.grad.coalesce().indices()[0].tolist()) == [0, 4, 5]
@@ -66,29 +72,66 @@ def test_sparse_bank_gradients_accumulate_like_dense_ones():
     assert sparse_projection.cosine == pytest.approx(reference_projection.cosine)
 
 
-def test_lazy_adamw_equals_adamw_on_retrieved_rows_and_leaves_the_others_alone():
-    generator = torch.Generator().manual_seed(1)
-    start = torch.randn(5, 3, generator=generator)
-    lazy_param, dense_param = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
-    lazy = LazyAdamW([lazy_param], lr=0.1, weight_decay=0.01)
-    dense = torch.optim.AdamW([dense_param], lr=0.1, weight_decay=0.01)
-    rows = torch.tensor([1, 3])
-    for _ in range(3):
-        values = torch.randn(2, 3, generator=generator)
-        lazy_param.grad = torch.sparse_coo_tensor(rows.unsqueeze(0), values, (5, 3), check_invariants=True)
-        dense_param.grad = torch.zeros(5, 3).index_add_(0, rows, values)
-        lazy.step()
-        dense.step()
-    torch.testing.assert_close(lazy_param[rows], dense_param[rows])
-    torch.testing.assert_close(lazy_param[[0, 2, 4]], start[[0, 2, 4]])
+def test_one_objective_only_sums_and_keeps_sparse_rows_sparse():
+    bank, other = torch.nn.Parameter(torch.zeros(6, 2)), torch.nn.Parameter(torch.zeros(3))
+    accumulator = PCGradAccumulator([bank, other], num_objectives=1)
+    rows = torch.tensor([[1, 4]])
+    values = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.5, 0.5], [1.0, -1.0]])]
+    for value, dense in zip(values, (torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]))):
+        accumulator.add(0, [torch.sparse_coo_tensor(rows, value, (6, 2), check_invariants=True), dense], scale=2.0)
+    assert accumulator.apply() is None
+    assert bank.grad.is_sparse and bank.grad.coalesce().indices()[0].tolist() == [1, 4]
+    torch.testing.assert_close(bank.grad.to_dense(), torch.zeros(6, 2).index_add_(0, rows[0], 2 * sum(values)))
+    torch.testing.assert_close(other.grad, torch.tensor([2.0, -2.0, 6.0]))
 
 
-def test_clipping_counts_sparse_gradients_like_dense_ones():
-    a, b = torch.nn.Parameter(torch.zeros(4, 2)), torch.nn.Parameter(torch.zeros(3))
-    values = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
-    a.grad = torch.sparse_coo_tensor(torch.tensor([[0, 2]]), values, (4, 2), check_invariants=True)
-    b.grad = torch.tensor([0.0, 12.0, 0.0])
-    total = clip_grad_norm([a, b], max_norm=1.3)
-    assert float(total) == pytest.approx(13.0)
-    dense = torch.cat([a.grad.to_dense().flatten(), b.grad])
-    assert float(dense.norm()) == pytest.approx(1.3, rel=1e-4)
+def by_hand(count: int, num_objectives: int) -> tuple[list[torch.Tensor], list[set[int]]]:
+    """Per objective, the flat mean over the two ranks of their summed micro-batch gradients; per parameter, the
+    bank rows any rank touched."""
+    shapes = pcgrad_collectives.shapes(count)
+    sums = [[torch.zeros(shape) for shape in shapes] for _ in range(num_objectives)]
+    rows: list[set[int]] = [set() for _ in shapes]
+    for rank in range(2):
+        for micro_batch in range(pcgrad_collectives.MICRO_BATCHES):
+            for objective in range(num_objectives):
+                for index, grad in enumerate(pcgrad_collectives.gradients(rank, count, micro_batch, objective)):
+                    if grad is not None:
+                        sums[objective][index] += grad.to_dense() / 2
+                        rows[index] |= set(grad.coalesce().indices()[0].tolist()) if grad.is_sparse else set()
+    return [torch.cat([g.flatten() for g in objective]) for objective in sums], rows
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU"))],
+)
+def test_two_processes_reduce_with_a_constant_number_of_collectives_on_the_parameters_device(tmp_path, device):
+    """Two gloo processes: every collective of `apply` gets tensors on the parameters' device, as many for 3
+    parameters as for 30, and the result is the (projected) mean of the two ranks' gradients, computed by hand:
+    dense, sparse rows (some touched on one rank only, one bank on one rank only), no gradient anywhere."""
+    torch.multiprocessing.start_processes(
+        pcgrad_collectives.worker,
+        args=(2, str(tmp_path / "rendezvous"), device, str(tmp_path)),
+        nprocs=2,
+        start_method="fork" if device == "cpu" else "spawn",
+    )
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
+    small, large = pcgrad_collectives.SIZES
+    for num_objectives in (1, 2):
+        counts = {len(r[count, num_objectives]["calls"]) for r in results for count in (small, large)}
+        assert counts == {2}
+    for (count, num_objectives), result in [item for r in results for item in r.items()]:
+        assert all(devices == [device] for _, devices in result["calls"])
+        flat, rows = by_hand(count, num_objectives)
+        expected = yu_et_al(*flat) if num_objectives == 2 else flat[0]
+        shapes = pcgrad_collectives.shapes(count)
+        grads = result["grads"]
+        got = torch.cat([(torch.zeros(s) if g is None else g.to_dense()).flatten() for g, s in zip(grads, shapes)])
+        torch.testing.assert_close(got, expected)
+        assert [g is None for g in grads] == [i == large - 1 for i in range(count)]
+        for index, (grad, touched) in enumerate(zip(grads, rows)):
+            if grad is not None:
+                assert grad.is_sparse == pcgrad_collectives.is_bank(index)
+                assert not grad.is_sparse or grad.coalesce().indices()[0].tolist() == sorted(touched)
+        if num_objectives == 2:
+            assert result["cosine"] == pytest.approx(float(torch.cosine_similarity(*flat, dim=0)), abs=1e-6)

@@ -1,13 +1,23 @@
 import json
+import re
 
 import pytest
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
+from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
 from trl import SFTConfig, SFTTrainer
+from trl.trainer.utils import add_fused_lm_head
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import VOCAB_SIZE, tiny_llama, tiny_tokenizer
 from tki_trainer.data import tokenize_row
-from tki_trainer.reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs, optimize_prior_inputs
+from tki_trainer.reinstatement import (
+    PriorInputConfig,
+    PriorInputStore,
+    compute_prior_inputs,
+    optimize_prior_inputs,
+    stage1,
+)
 from tki_trainer.reinstatement.fingerprint import prompt_hash
 from tki_trainer.reinstatement.stage1 import wasserstein
 from tki_trainer.reinstatement.store import FORMAT_VERSION
@@ -54,14 +64,20 @@ def test_the_paper_setting_barely_moves_the_prompt():
 
 def mean_wasserstein(result, lengths):
     return sum(
-        float(wasserstein(result.embeddings[i, :n], result.initial[i, :n], "emd", 0.0)) for i, n in enumerate(lengths.tolist())
+        float(wasserstein(result.embeddings[i, :n], result.initial[i, :n], "emd", 0.0))
+        for i, n in enumerate(lengths.tolist())
     ) / len(lengths)
 
 
 def test_a_larger_wasserstein_weight_keeps_q_closer_to_e():
     model, batch = tiny_llama(), collated_batch(tiny_tokenizer())
     distances = [
-        mean_wasserstein(optimize_prior_inputs(model, *batch, PriorInputConfig(steps=8, learning_rate=5e-3, wasserstein_weight=lam)), batch[3])
+        mean_wasserstein(
+            optimize_prior_inputs(
+                model, *batch, PriorInputConfig(steps=8, learning_rate=5e-3, wasserstein_weight=lam)
+            ),
+            batch[3],
+        )
         for lam in (0.0, 30.0, 300.0)
     ]
     assert distances[0] > distances[1] > distances[2] > 0
@@ -129,7 +145,9 @@ def test_compatibility_check_accepts_trls_config_edits_and_refuses_other_models(
     model, tokenizer = tiny_llama(), tiny_tokenizer()
     store = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=PriorInputConfig(steps=1))
 
-    args = SFTConfig(output_dir=str(tmp_path / "sft"), bf16=False, use_cpu=True, report_to="none", dataset_num_proc=None)
+    args = SFTConfig(
+        output_dir=str(tmp_path / "sft"), bf16=False, use_cpu=True, report_to="none", dataset_num_proc=None
+    )
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset(), processing_class=tokenizer)
     trainer.model.config.use_cache = not trainer.model.config.use_cache
     trainer.model.config.pad_token_id = 1
@@ -146,3 +164,111 @@ def test_compatibility_check_accepts_trls_config_edits_and_refuses_other_models(
         store.check(model, tokenizer, prompt_hashes(tokenizer, changed))
     with pytest.raises(ValueError, match="have no stored prior input"):
         store.check(model, tokenizer, {**prompt_hashes(tokenizer), "z": "0"})
+
+
+def test_a_tokenizer_without_pad_token_pads_with_eos_like_sft_trainer(tmp_path):
+    """Llama-3-like tokenizers have no pad token: stage 1 pads with eos as SFTTrainer does, and padding changes
+    nothing (one batch of five rows of different lengths)."""
+    model, with_pad, without_pad = tiny_llama(), tiny_tokenizer(), tiny_tokenizer()
+    without_pad.pad_token = None
+    one_batch = PriorInputConfig(**{**FAST.to_dict(), "batch_size": 5})
+    padded = compute_prior_inputs(model, with_pad, dataset(), tmp_path / "pad", config=one_batch)
+    eos_padded = compute_prior_inputs(model, without_pad, dataset(), tmp_path / "eos", config=one_batch)
+    assert without_pad.pad_token is None
+    for example_id, *_ in ROWS:
+        torch.testing.assert_close(eos_padded.load_delta(example_id), padded.load_delta(example_id), rtol=0, atol=0)
+
+
+def test_an_empty_prompt_is_refused_before_any_model_work(tmp_path, monkeypatch):
+    optimised = []
+    monkeypatch.setattr(stage1, "optimize_prior_inputs", lambda *args: optimised.append(args))
+    rows = Dataset.from_list([*dataset(), {"id": "blank", "prompt": "", "completion": " yes"}])
+    with pytest.raises(
+        ValueError, match=r"Rows \['blank'\] \(1 in all\) have no prompt token.*give these rows a prompt"
+    ):
+        compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows, tmp_path / "store", config=FAST)
+    assert not optimised and not (tmp_path / "store").exists()
+    input_ids, attention_mask, labels, lengths = collated_batch(tiny_tokenizer())
+    lengths[1] = 0
+    with pytest.raises(ValueError, match=r"Rows \[1\] of the batch have no prompt token"):
+        optimize_prior_inputs(tiny_llama(), input_ids, attention_mask, labels, lengths, FAST)
+
+
+def tiny_gemma2() -> Gemma2ForCausalLM:
+    """Gemma-2 soft-caps its logits (``final_logit_softcapping``) inside its own LM head; a large head makes the
+    cap matter."""
+    torch.manual_seed(0)
+    config = Gemma2Config(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=8, final_logit_softcapping=5.0, tie_word_embeddings=False, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )  # fmt: skip
+    model = Gemma2ForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+    return model
+
+
+def tiny_cohere() -> CohereForCausalLM:
+    """Cohere scales its logits (``logit_scale``) inside its own LM head; a large head makes the scale matter."""
+    torch.manual_seed(0)
+    config = CohereConfig(
+        vocab_size=VOCAB_SIZE, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, logit_scale=0.0625, tie_word_embeddings=False, pad_token_id=0, bos_token_id=1,
+        eos_token_id=2,
+    )  # fmt: skip
+    model = CohereForCausalLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(100)
+    return model
+
+
+@pytest.mark.parametrize("build", [tiny_gemma2, tiny_cohere])
+def test_stage1_cross_entropy_at_q_equal_e_is_the_one_training_computes(build):
+    """``ce_initial`` equals SFTTrainer's per-example CE (its fused LM head, soft-capping and logit scale included),
+    whether or not the model already carries TRL's head; a CE from the decoder and the output embeddings differs."""
+    model = build()
+    input_ids, attention_mask, labels, lengths = collated_batch(tiny_tokenizer())
+    standalone = optimize_prior_inputs(model, input_ids, attention_mask, labels, lengths, PriorInputConfig(steps=1))
+    assert "forward" not in model.__dict__
+
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    patched = model.__dict__["forward"]
+    with torch.no_grad():
+        outputs = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    training = -outputs.log_probs.sum(dim=1) / outputs.label_mask.sum(dim=1)
+    torch.testing.assert_close(standalone.ce_initial, training)
+    in_trainer = optimize_prior_inputs(model, input_ids, attention_mask, labels, lengths, PriorInputConfig(steps=1))
+    torch.testing.assert_close(in_trainer.ce_initial, training)
+    assert model.__dict__["forward"] is patched
+
+    with torch.no_grad():
+        hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        logits = model.get_output_embeddings()(hidden[:, :-1])
+    token_ce = F.cross_entropy(logits.transpose(1, 2), labels[:, 1:], reduction="none")
+    decoder_head = token_ce.sum(dim=1) / (labels[:, 1:] != -100).sum(dim=1)
+    assert (decoder_head - training).abs().min() > 1e-3
+
+
+def test_check_refuses_a_store_computed_with_other_stage1_settings(tmp_path):
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    computed = PriorInputConfig(steps=1, learning_rate=1e-3, batch_size=2)
+    store = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=computed, max_length=64)
+    hashes = prompt_hashes(tokenizer)
+    store.check(model, tokenizer, hashes, settings=computed)
+    # The batch size does not change the prior inputs, nor does the Sinkhorn setting of the exact method.
+    store.check(
+        model,
+        tokenizer,
+        hashes,
+        settings=PriorInputConfig(steps=1, learning_rate=1e-3, batch_size=5, sinkhorn_reg=1.0),
+    )
+    for changed, message in [
+        (dict(steps=3), "steps=1 (asked: 3)"),
+        (dict(learning_rate=5e-6), "learning_rate=0.001 (asked: 5e-06)"),
+        (dict(wasserstein_weight=2.0), "wasserstein_weight=1.0 (asked: 2.0)"),
+        (dict(wasserstein="sinkhorn"), "wasserstein='emd' (asked: 'sinkhorn')"),
+    ]:
+        asked = PriorInputConfig(**{**computed.to_dict(), **changed})
+        with pytest.raises(ValueError, match=f"other stage-1 settings: {re.escape(message)}[;.]"):
+            store.check(model, tokenizer, hashes, settings=asked)

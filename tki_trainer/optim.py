@@ -3,49 +3,96 @@
 Each example trains ``k`` of the bank's ``M`` increments, but dense AdamW updates every row of every bank
 tensor at every step, so its cost grows with ``M``. The banks' gradients are row-sparse, and `LazyAdamW` is
 AdamW with lazy semantics on them: a row's moments, decay and update advance only at steps where the row has a
-gradient (as TensorFlow's LazyAdam and PyTorch's SparseAdam), with the parameter's step count in the bias
-correction. Parameters with dense gradients get torch's own AdamW step.
+gradient (as TensorFlow's LazyAdam and PyTorch's SparseAdam). Each row keeps its own step count for the bias
+correction, so every row follows AdamW over its own gradient sequence: a row first retrieved late in training
+takes the first step of a fresh AdamW, not one scaled by the bias correction of the parameter's older steps.
+Parameters with dense gradients get torch's own AdamW step.
 """
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
 
+UNSUPPORTED = {
+    "amsgrad": "amsgrad=False",
+    "maximize": "maximize=False (negate the loss instead)",
+    "capturable": "capturable=False",
+    "differentiable": "differentiable=False",
+}
+"""AdamW options the lazy row update does not implement, with the setting to pass instead."""
+
+
 class LazyAdamW(torch.optim.AdamW):
-    """`torch.optim.AdamW`, plus lazy row updates for parameters whose gradient is sparse."""
+    """`torch.optim.AdamW`, plus lazy row updates, with per-row step counts, for parameters whose gradient is
+    sparse. A parameter's gradients must stay of one kind (sparse or dense) over training."""
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **param_group}
+        refused = [name for name in UNSUPPORTED if group.get(name)]
+        if refused:
+            fixes = ", ".join(UNSUPPORTED[name] for name in refused)
+            raise ValueError(
+                f"LazyAdamW does not implement {', '.join(f'{name}=True' for name in refused)} for the sparse "
+                f"(latent-bank) gradients it updates lazily: pass {fixes}."
+            )
+        super().add_param_group(param_group)
 
     @torch.no_grad()
-    def step(self, closure=None):
-        sparse = [(group, p, p.grad) for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        sparse = []
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                lazy = "row_step" in self.state[p]
+                if p.grad.is_sparse != lazy and self.state[p]:
+                    kind = "dense" if lazy else "sparse"
+                    raise ValueError(
+                        f"LazyAdamW got a {kind} gradient for a parameter it has updated with the other kind: keep each "
+                        "parameter's gradients sparse (latent banks) or dense throughout, or give it its own optimizer."
+                    )
+                if p.grad.is_sparse:
+                    sparse.append((group, p, p.grad))
         for _, p, _ in sparse:
             p.grad = None
-        loss = super().step(closure)
+        super().step()
         for group, p, grad in sparse:
             self._lazy_update(group, p, grad.coalesce())
             p.grad = grad
         return loss
 
-    def _lazy_update(self, group: dict, p: torch.Tensor, grad: torch.Tensor) -> None:
-        """AdamW's update, written out, on the rows ``grad`` holds."""
+    def _lazy_update(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
+        """AdamW's update, written out in torch's order, on the rows ``grad`` holds, each with its own count."""
         state = self.state[p]
         if not state:
+            # ``step`` counts the parameter's updates; torch's (de)serialisation of Adam state expects it.
             state["step"] = torch.zeros((), dtype=torch.float32)
-            state["exp_avg"] = torch.zeros_like(p)
-            state["exp_avg_sq"] = torch.zeros_like(p)
-        state["step"] += 1
-        step = float(state["step"])
+            state["row_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         rows, g = grad.indices()[0], grad.values()
+        state["step"] += 1
+        state["row_step"].index_add_(0, rows, torch.ones_like(rows))
+        # torch computes the bias corrections in double precision (Python floats); MPS has no float64.
+        precision = torch.float32 if p.device.type == "mps" else torch.float64
+        steps = state["row_step"].index_select(0, rows).to(precision).view(-1, *[1] * (p.dim() - 1))
         values = p.index_select(0, rows)
+        values.mul_(1 - lr * weight_decay)
         exp_avg = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)
         exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        values.mul_(1 - lr * weight_decay)
-        denom = (exp_avg_sq.sqrt() / math.sqrt(1 - beta2**step)).add_(eps)
-        values.addcdiv_(exp_avg, denom, value=-lr / (1 - beta1**step))
+        step_size = (lr / (1 - beta1**steps)).to(p.dtype)
+        denom = (exp_avg_sq.sqrt() / (1 - beta2**steps).sqrt().to(p.dtype)).add_(eps)
+        values.addcdiv_(exp_avg * -step_size, denom)
         p.index_copy_(0, rows, values)
         state["exp_avg"].index_copy_(0, rows, exp_avg)
         state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)

@@ -5,14 +5,22 @@ effective batch is complete (and, on several processes, both sums are all-reduce
 where ``g1 . g2 < 0`` each is projected onto the normal plane of the other, and the update is their sum.
 Latent banks have row-sparse gradients and are accumulated on the rows the batch retrieved only, so the cost
 does not grow with the bank size.
+
+With one objective the accumulator only reduces: it is the all-reduce of row-sparse gradients that DDP's own
+bucketed reduction cannot do.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+
+
+DENSE, ABSENT = "dense", "absent"
+"""How `PCGradAccumulator` reduces a parameter that is not row-sparse: in full, or not at all (no gradient)."""
 
 
 @dataclass
@@ -37,17 +45,37 @@ class PCGradAccumulator:
     """Per-objective gradient sums over the trainable parameters of one effective batch.
 
     Row-sparse gradients (the latent banks') are kept as their (rows, values) pieces and assembled on the union of
-    rows at projection time, then written back as sparse gradients; the other rows are zero in both objectives and
-    do not enter the projection.
+    rows, over objectives and processes, at `apply` time, then written back as sparse gradients; the other rows are
+    zero in every objective and do not enter the projection. A parameter is row-sparse when some process has sparse
+    gradients for it and none has a dense one; otherwise its sparse pieces are added to the dense sum.
+
+    `apply` makes two collectives on several processes, whatever the number of parameters, both on the parameters'
+    device (NCCL reduces no CPU tensor): one MAX all-reduce of a byte mask holding, per parameter, whether it has
+    sparse and dense gradients here and which rows it touched; then one all-reduce of the stacked flat gradients.
     """
 
-    def __init__(self, parameters: list[torch.nn.Parameter]) -> None:
+    def __init__(self, parameters: list[torch.nn.Parameter], num_objectives: int = 2) -> None:
+        if num_objectives not in (1, 2):
+            raise ValueError(
+                f"num_objectives must be 1 (reduce only) or 2 (reduce and project), got {num_objectives}."
+            )
         self.parameters = parameters
+        self.num_objectives = num_objectives
+        self._rows = [p.shape[0] if p.dim() else 0 for p in parameters]
         self._reset()
 
+    @property
+    def device(self) -> torch.device:
+        """Where the sums are reduced: the parameters' device, read at each step (the Trainer may move the model
+        after this accumulator is built)."""
+        return self.parameters[0].device if self.parameters else torch.device("cpu")
+
     def _reset(self) -> None:
-        self.dense: list[list[torch.Tensor | None]] = [[None] * len(self.parameters) for _ in range(2)]
-        self.pieces: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = [[[] for _ in self.parameters] for _ in range(2)]
+        count = len(self.parameters)
+        self.dense: list[list[torch.Tensor | None]] = [[None] * count for _ in range(self.num_objectives)]
+        self.pieces: list[list[list[tuple[torch.Tensor, torch.Tensor]]]] = [
+            [[] for _ in range(count)] for _ in range(self.num_objectives)
+        ]
 
     def take_gradients(self) -> list[torch.Tensor | None]:
         """The parameters' ``.grad`` (moved out, leaving ``.grad`` empty for the next backward)."""
@@ -69,51 +97,87 @@ class PCGradAccumulator:
                 current = self.dense[objective][i]
                 self.dense[objective][i] = value if current is None else current + value
 
-    def _sparse_rows(self, index: int) -> torch.Tensor | None:
-        """Rows any objective (on any process: a collective) touched of a sparse parameter; None for dense ones."""
-        pieces = self.pieces[0][index] + self.pieces[1][index]
-        is_sparse = torch.tensor([float(bool(pieces))])
-        mask = torch.zeros(self.parameters[index].shape[0], dtype=torch.uint8)
-        for rows, _ in pieces:
-            mask[rows.cpu()] = 1
+    def _local_mask(self, offsets: torch.Tensor) -> torch.Tensor:
+        """``[has sparse pieces (P) | has a dense sum (P) | touched rows of every parameter]``, as bytes."""
+        count = len(self.parameters)
+        has_sparse = [any(pieces[i] for pieces in self.pieces) for i in range(count)]
+        has_dense = [any(dense[i] is not None for dense in self.dense) for i in range(count)]
+        mask = torch.zeros(2 * count + sum(self._rows), dtype=torch.uint8, device=offsets.device)
+        mask[: 2 * count] = torch.tensor(has_sparse + has_dense, dtype=torch.uint8).to(offsets.device)
+        rows = [
+            rows.to(offsets.device) + offsets[i]
+            for objective in self.pieces
+            for i, pieces in enumerate(objective)
+            for rows, _ in pieces
+        ]
+        if rows:
+            mask.index_fill_(0, torch.cat(rows) + 2 * count, 1)
+        return mask
+
+    def _layout(self) -> list[torch.Tensor | str]:
+        """Per parameter, as agreed by every process: the rows it is reduced on (row-sparse), ``"dense"``, or
+        ``"absent"`` (no gradient in any objective on any process: its ``.grad`` stays None)."""
+        offsets = torch.tensor([0, *self._rows], device=self.device).cumsum(0)
+        mask = self._local_mask(offsets)
         if _distributed():
-            dist.all_reduce(is_sparse, op=dist.ReduceOp.MAX)
             dist.all_reduce(mask, op=dist.ReduceOp.MAX)
-        return mask.nonzero().flatten().to(self.parameters[index].device) if is_sparse.item() else None
-
-    def _flat(self, objective: int, rows: list[torch.Tensor | None]) -> torch.Tensor:
-        parts = []
-        for i, p in enumerate(self.parameters):
-            if rows[i] is None:
-                value = self.dense[objective][i]
-                parts.append((value if value is not None else torch.zeros_like(p, dtype=torch.float32)).flatten())
-                continue
-            position = torch.full((p.shape[0],), -1, dtype=torch.long, device=p.device)
-            position[rows[i]] = torch.arange(len(rows[i]), device=p.device)
-            summed = torch.zeros((len(rows[i]), *p.shape[1:]), device=p.device)
-            for piece_rows, values in self.pieces[objective][i]:
-                summed.index_add_(0, position[piece_rows], values)
-            parts.append(summed.flatten())
-        return torch.cat(parts)
-
-    def apply(self) -> Projection:
-        """All-reduce (mean) both sums across processes, project, and write the update into ``.grad``."""
-        rows = [self._sparse_rows(i) for i in range(len(self.parameters))]
-        g1, g2 = self._flat(0, rows), self._flat(1, rows)
-        if _distributed():
-            pair = torch.stack([g1, g2])
-            dist.all_reduce(pair)
-            g1, g2 = pair / dist.get_world_size()
-        update, projection = project(g1, g2)
-        offset = 0
-        for p, touched in zip(self.parameters, rows):
-            if touched is None:
-                size = p.numel()
-                p.grad = update[offset : offset + size].view_as(p).to(p.dtype)
+        count = len(self.parameters)
+        flags = mask[: 2 * count].view(2, count).tolist()
+        touched = mask[2 * count :].nonzero().flatten()
+        owner = torch.searchsorted(offsets, touched, right=True) - 1
+        per_parameter = touched.split(torch.bincount(owner, minlength=count).tolist())
+        layout: list[torch.Tensor | str] = []
+        for i, (rows, sparse, dense) in enumerate(zip(per_parameter, *flags)):
+            if dense:
+                layout.append(DENSE)
             else:
-                size = len(touched) * p[0].numel()
-                values = update[offset : offset + size].view(len(touched), *p.shape[1:]).to(p.dtype)
-                p.grad = torch.sparse_coo_tensor(touched.unsqueeze(0), values, p.shape, is_coalesced=True, check_invariants=False)
+                layout.append(rows - offsets[i] if sparse else ABSENT)
+        return layout
+
+    def _flat(self, objective: int, layout: list[torch.Tensor | str]) -> torch.Tensor:
+        parts = []
+        for i, (p, rows) in enumerate(zip(self.parameters, layout)):
+            pieces = self.pieces[objective][i]
+            pieces = [torch.cat(part).to(self.device) for part in zip(*pieces)] if pieces else None
+            if isinstance(rows, torch.Tensor):
+                summed = torch.zeros((len(rows), *p.shape[1:]), device=self.device)
+                if pieces is not None:
+                    summed.index_add_(0, torch.searchsorted(rows, pieces[0]), pieces[1])
+                parts.append(summed.flatten())
+            elif rows == DENSE:
+                value = self.dense[objective][i]
+                value = torch.zeros(p.shape, device=self.device) if value is None else value.to(self.device)
+                parts.append((value if pieces is None else value.index_add(0, *pieces)).flatten())
+        return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
+
+    def apply(self) -> Projection | None:
+        """All-reduce (mean) the sums across processes, project them (two objectives), and write the update into
+        ``.grad`` (row-sparse parameters get a sparse COO gradient on their touched rows). Returns the projection,
+        or None with one objective."""
+        layout = self._layout()
+        stacked = torch.stack([self._flat(objective, layout) for objective in range(self.num_objectives)])
+        if _distributed():
+            dist.all_reduce(stacked)
+            stacked /= dist.get_world_size()
+        if self.num_objectives == 2:
+            update, projection = project(stacked[0], stacked[1])
+        else:
+            update, projection = stacked[0], None
+        offset = 0
+        for p, rows in zip(self.parameters, layout):
+            if isinstance(rows, torch.Tensor):
+                size = len(rows) * math.prod(p.shape[1:])
+                values = (
+                    update[offset : offset + size].view(len(rows), *p.shape[1:]).to(device=p.device, dtype=p.dtype)
+                )
+                indices = rows.to(p.device).unsqueeze(0)
+                p.grad = torch.sparse_coo_tensor(indices, values, p.shape, is_coalesced=True, check_invariants=False)
+            elif rows == DENSE:
+                size = p.numel()
+                p.grad = update[offset : offset + size].view_as(p).to(device=p.device, dtype=p.dtype)
+            else:
+                size = 0
+                p.grad = None
             offset += size
         self._reset()
         return projection

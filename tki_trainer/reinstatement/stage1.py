@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import asdict, dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 import ot
@@ -19,11 +21,13 @@ import torch
 import torch.nn.functional as F
 from accelerate import PartialState
 from datasets import Dataset
+from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+from trl.trainer.utils import add_fused_lm_head
 
 from ..data.formats import check_prompt_completion_rows
 from ..data.tokenization import tokenize_row, truncate_row
@@ -33,6 +37,11 @@ from .store import PriorInputStore
 
 logger = logging.getLogger(__name__)
 
+EMPTY_PROMPT_FIX = (
+    "knowledge reinstatement optimises the prompt's token embeddings, so every row needs at least one prompt token; "
+    "give these rows a prompt or drop them from the dataset."
+)
+
 
 @dataclass
 class PriorInputConfig:
@@ -40,12 +49,18 @@ class PriorInputConfig:
     by about 30% (|q-e|/|e| about 1%); `PriorInputConfig.paper()` is the paper's setting, which barely moves ``q``
     (CE lower by well under 1%), so reinstatement then does nothing."""
 
-    steps: int = 5
-    learning_rate: float = 3e-4
-    wasserstein_weight: float = 1.0
-    wasserstein: Literal["emd", "sinkhorn"] = "emd"
-    sinkhorn_reg: float = 0.05
-    batch_size: int = 8
+    steps: int = field(default=5, metadata={"help": "Stage-1 Adam steps per example."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Stage-1 Adam learning rate."})
+    wasserstein_weight: float = field(
+        default=1.0, metadata={"help": "lam: weight of W(q, e) in stage 1 (> 0 keeps q near the prompt)."}
+    )
+    wasserstein: Literal["emd", "sinkhorn"] = field(
+        default="emd", metadata={"help": "How W(q, e) is computed: 'emd' (exact) or 'sinkhorn'."}
+    )
+    sinkhorn_reg: float = field(default=0.05, metadata={"help": "Entropic regularisation of 'sinkhorn'."})
+    batch_size: int = field(
+        default=8, metadata={"help": "Examples optimised together in stage 1; does not change the results."}
+    )
 
     def __post_init__(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -83,18 +98,31 @@ class PriorInputs:
     """[batch] |q - e| / |e| over the prompt tokens."""
 
 
+@contextmanager
+def fused_lm_head(model: nn.Module) -> Iterator[nn.Module]:
+    """The causal LM in ``model`` (PEFT's base model when wrapped) with TRL's fused LM head, added as `SFTTrainer`
+    adds it, for the block: its forward with ``fused_lm_head=True`` returns the per-token log-probabilities that
+    training's loss is made of (the model's soft-capping and logit scaling included). Its forward is put back
+    afterwards, TRL's own patch included."""
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    previous = lm.__dict__.get("forward")
+    add_fused_lm_head(lm)
+    try:
+        yield lm
+    finally:
+        if previous is None:
+            del lm.forward
+        else:
+            lm.forward = previous
+
+
 def completion_cross_entropy(
-    model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Mean token cross-entropy of each row's labelled tokens, [batch]; logits only at labelled positions."""
-    hidden = model.get_decoder()(inputs_embeds=inputs_embeds, attention_mask=attention_mask).last_hidden_state
-    targets = labels[:, 1:]
-    positions = targets != -100
-    logits = model.get_output_embeddings()(hidden[:, :-1][positions]).float()
-    token_ce = F.cross_entropy(logits, targets[positions], reduction="none")
-    rows = positions.nonzero()[:, 0]
-    counts = positions.sum(dim=1).clamp(min=1)
-    return torch.zeros(len(labels), device=token_ce.device).index_add_(0, rows, token_ce) / counts
+    """Mean token cross-entropy of each row's labelled tokens, [batch], computed as `SFTTrainer.compute_loss` does
+    (``lm`` from `fused_lm_head`), so that stage 1 lowers the cross-entropy training measures."""
+    outputs = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
+    return -outputs.log_probs.sum(dim=1) / outputs.label_mask.sum(dim=1).clamp(min=1)
 
 
 def wasserstein(q: torch.Tensor, e: torch.Tensor, method: str, reg: float) -> torch.Tensor:
@@ -120,6 +148,9 @@ def optimize_prior_inputs(
     ``.grad`` are untouched; the objective is the sum of the examples' objectives, so each ``q_i`` follows its
     own gradient. The caller chooses the model's mode (``eval()`` for no dropout).
     """
+    if (prompt_lengths < 1).any():
+        rows = (prompt_lengths < 1).nonzero().flatten().tolist()
+        raise ValueError(f"Rows {rows} of the batch have no prompt token: {EMPTY_PROMPT_FIX}")
     embedding = model.get_input_embeddings()
     with torch.no_grad():
         embedded = embedding(input_ids)
@@ -130,25 +161,26 @@ def optimize_prior_inputs(
     q = nn.Parameter(original.clone())
     optimizer = torch.optim.Adam([q], lr=config.learning_rate)
 
-    def objective() -> torch.Tensor:
+    def objective(lm: nn.Module) -> torch.Tensor:
         inputs = torch.where(prompt_mask, F.pad(q, (0, 0, 0, input_ids.shape[1] - width)), embedded)
-        return completion_cross_entropy(model, inputs, attention_mask, labels)
+        return completion_cross_entropy(lm, inputs, attention_mask, labels)
 
-    for step in range(config.steps):
-        ce = objective()
-        if step == 0:
-            ce_initial = ce.detach()
-        loss = ce.sum()
-        if config.wasserstein_weight:
-            distances = [
-                wasserstein(q[i, :n], original[i, :n], config.wasserstein, config.sinkhorn_reg)
-                for i, n in enumerate(prompt_lengths.tolist())
-            ]
-            loss = loss + config.wasserstein_weight * torch.stack(distances).sum().to(loss.dtype)
-        (q.grad,) = torch.autograd.grad(loss, [q])
-        optimizer.step()
-    with torch.no_grad():
-        ce_final = objective()
+    with fused_lm_head(model) as lm:
+        for step in range(config.steps):
+            ce = objective(lm)
+            if step == 0:
+                ce_initial = ce.detach()
+            loss = ce.sum()
+            if config.wasserstein_weight:
+                distances = [
+                    wasserstein(q[i, :n], original[i, :n], config.wasserstein, config.sinkhorn_reg)
+                    for i, n in enumerate(prompt_lengths.tolist())
+                ]
+                loss = loss + config.wasserstein_weight * torch.stack(distances).sum().to(loss.dtype)
+            (q.grad,) = torch.autograd.grad(loss, [q])
+            optimizer.step()
+        with torch.no_grad():
+            ce_final = objective(lm)
     q = q.detach()
     original = original.detach()
     mask = prompt_mask[:, :width]
@@ -159,6 +191,17 @@ def optimize_prior_inputs(
 
 DEFAULT_MAX_LENGTH: int = SFTConfig.__dataclass_fields__["max_length"].default
 """``max_length`` of `SFTConfig`, which `TKIConfig` inherits."""
+
+
+def trl_pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
+    """The padding id `SFTTrainer` collates with: the tokenizer's pad token, else its end-of-sequence token (padding
+    enters no loss, but the same batches make the same numbers)."""
+    pad_token = tokenizer.pad_token or tokenizer.eos_token
+    if pad_token is None:
+        raise ValueError(
+            "The tokenizer has neither a pad token nor an eos token to pad with: set tokenizer.pad_token."
+        )
+    return tokenizer.convert_tokens_to_ids(pad_token)
 
 
 def compute_prior_inputs(
@@ -174,31 +217,41 @@ def compute_prior_inputs(
     """Knowledge-reinstatement stage 1 over a prompt/completion dataset, written to a resumable store.
 
     Rows are tokenized exactly as `SFTTrainer` will (prompt span included, ``max_length`` truncation from the
-    start); rows TRL would drop are skipped and counted. Under ``accelerate launch`` each process takes every
-    n-th example and writes its own shards. Rerunning into the same ``output_dir`` continues where the finished
+    start, padding as `SFTTrainer` pads); rows TRL would drop are skipped and counted, and a row left without prompt
+    tokens is refused before any work. Under ``accelerate launch`` each process takes every n-th example and writes
+    its own shards. Rerunning into the same ``output_dir`` continues where the finished
     shards end. Returns the store, whose `summary()` holds the mean CE with ``e`` and ``q`` and |q-e|/|e|.
     """
     config = config or PriorInputConfig()
     check_prompt_completion_rows(dataset)
+    pad_token_id = trl_pad_token_id(tokenizer)
     state = PartialState()
+    # Every process tokenizes every row, so that all of them refuse an empty prompt before any work.
+    tokenized, skipped, empty = [], 0, []
+    for index, row in enumerate(dataset.select_columns(["id", "prompt", "completion"])):
+        tokens = truncate_row(tokenize_row(tokenizer, row["prompt"], row["completion"], chat_template), max_length)
+        if tokens is None:
+            skipped += 1
+        elif tokens.prompt_length == 0:
+            empty.append(row["id"])
+        elif index % state.num_processes == state.process_index:
+            tokenized.append((row["id"], tokens))
+    if empty:
+        raise ValueError(f"Rows {empty[:5]} ({len(empty)} in all) have no prompt token: {EMPTY_PROMPT_FIX}")
     store = PriorInputStore.open_or_create(
         output_dir, model, tokenizer, {**config.to_dict(), "max_length": max_length, "chat_template": chat_template}
     )
-    pending, skipped = [], 0
-    for index, row in enumerate(dataset.select_columns(["id", "prompt", "completion"])):
-        if index % state.num_processes != state.process_index or row["id"] in store.examples:
-            continue
-        tokenized = truncate_row(tokenize_row(tokenizer, row["prompt"], row["completion"], chat_template), max_length)
-        if tokenized is None:
-            skipped += 1
-        else:
-            pending.append((row["id"], tokenized))
+    pending = [(example_id, tokens) for example_id, tokens in tokenized if example_id not in store.examples]
     pending.sort(key=lambda item: len(item[1].input_ids), reverse=True)
-    if skipped:
-        logger.warning("%d rows have no completion token within max_length=%s and are skipped (TRL drops them)", skipped, max_length)
+    if skipped and state.is_main_process:
+        logger.warning(
+            "%d rows have no completion token within max_length=%s and are skipped (TRL drops them)",
+            skipped,
+            max_length,
+        )
 
     device = next(model.parameters()).device
-    collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
+    collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
     shard_number = sum(1 for _ in store.path.glob(f"shard-{state.process_index:03d}-*.safetensors"))
     was_training = model.training
     model.eval()
@@ -207,11 +260,19 @@ def compute_prior_inputs(
         for start in range(0, len(pending), config.batch_size):
             batch = pending[start : start + config.batch_size]
             collated = collator(
-                [{"input_ids": row.input_ids, "labels": [-100] * row.prompt_length + row.input_ids[row.prompt_length :]} for _, row in batch]
+                [
+                    {
+                        "input_ids": row.input_ids,
+                        "labels": [-100] * row.prompt_length + row.input_ids[row.prompt_length :],
+                    }
+                    for _, row in batch
+                ]
             )
             collated = {key: value.to(device) for key, value in collated.items()}
             lengths = torch.tensor([row.prompt_length for _, row in batch], device=device)
-            result = optimize_prior_inputs(model, collated["input_ids"], collated["attention_mask"], collated["labels"], lengths, config)
+            result = optimize_prior_inputs(
+                model, collated["input_ids"], collated["attention_mask"], collated["labels"], lengths, config
+            )
             tensors, entries = {}, {}
             for i, (example_id, row) in enumerate(batch):
                 delta = result.embeddings[i, : row.prompt_length] - result.initial[i, : row.prompt_length]
@@ -226,7 +287,9 @@ def compute_prior_inputs(
             shard_number += 1
             progress.update(len(batch))
             summary = store.summary()
-            progress.set_postfix(ce=f"{summary['ce_initial']:.3f}->{summary['ce_final']:.3f}", rel=f"{summary['relative_change']:.1e}")
+            progress.set_postfix(
+                ce=f"{summary['ce_initial']:.3f}->{summary['ce_final']:.3f}", rel=f"{summary['relative_change']:.1e}"
+            )
     finally:
         progress.close()
         model.train(was_training)

@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -32,8 +33,27 @@ from .._io import staged_directory
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
 
 
+if TYPE_CHECKING:
+    from .stage1 import PriorInputConfig
+
+
 INDEX = "store.json"
 FORMAT_VERSION = 1
+RESULT_SETTINGS = ("steps", "learning_rate", "wasserstein_weight", "wasserstein", "sinkhorn_reg")
+"""The stage-1 settings that change the prior inputs. Not ``batch_size``: the examples of a batch are optimised
+independently (their objectives add up, Adam is elementwise), and padding enters neither the loss nor, under the
+attention mask, the other tokens. Not ``max_length``: the trainer checks the prompt spans themselves."""
+
+
+def result_settings(settings: dict) -> dict:
+    """The `RESULT_SETTINGS` of a stage-1 settings dict, without those the others make irrelevant (the Wasserstein
+    method at weight 0, the Sinkhorn regularisation with the exact method)."""
+    relevant = {key: settings.get(key) for key in RESULT_SETTINGS}
+    if not relevant["wasserstein_weight"]:
+        del relevant["wasserstein"], relevant["sinkhorn_reg"]
+    elif relevant["wasserstein"] != "sinkhorn":
+        del relevant["sinkhorn_reg"]
+    return relevant
 
 
 @dataclass(frozen=True)
@@ -124,10 +144,25 @@ class PriorInputStore:
             "relative_change": sum(v.relative_change for v in values) / count,
         }
 
-    def check(self, model: nn.Module, tokenizer: PreTrainedTokenizerBase, prompt_hashes: dict[str, str]) -> None:
+    def check(
+        self,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt_hashes: dict[str, str],
+        settings: PriorInputConfig | None = None,
+    ) -> None:
         """Refuse, with one `ValueError` naming what differs, a store that does not belong to this model,
-        tokenizer and these examples' prompt tokens (``{id: prompt_hash}`` of the caller's own tokenization)."""
+        tokenizer and these examples' prompt tokens (``{id: prompt_hash}`` of the caller's own tokenization), or,
+        given ``settings``, whose stage-1 settings would give other prior inputs than these."""
         problems = []
+        stored, asked = self.index["settings"], settings.to_dict() if settings is not None else None
+        if asked is not None and result_settings(stored) != result_settings(asked):
+            differ = [
+                f"{key}={stored.get(key)!r} (asked: {asked[key]!r})"
+                for key in RESULT_SETTINGS
+                if stored.get(key) != asked[key]
+            ]
+            problems.append(f"it was computed with other stage-1 settings: {', '.join(differ)}")
         model_now = model_fingerprint(model)
         for key, value in self.index["model"].items():
             if model_now.get(key) != value:
@@ -146,6 +181,8 @@ class PriorInputStore:
             )
         if problems:
             raise ValueError(
-                f"The prior-input store {self.path} does not match: " + "; ".join(problems)
-                + ". Recompute it with tki_trainer.compute_prior_inputs for this model, tokenizer and dataset."
+                f"The prior-input store {self.path} does not match: "
+                + "; ".join(problems)
+                + ". Recompute it with tki_trainer.compute_prior_inputs for this model, tokenizer, dataset and "
+                "stage-1 settings."
             )
