@@ -148,6 +148,5 @@ def test_the_prior_input_store_is_uploaded_only_when_asked(tmp_path, hub):
 
 
 def test_pushes_during_training_are_refused(tmp_path):
-    args = TKIConfig(**common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run")
     with pytest.raises(ValueError, match="hub_strategy='end'"):
-        TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
+        TKIConfig(**common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run")

@@ -54,7 +54,7 @@ def test_each_row_follows_adamw_over_its_own_gradients_whenever_it_is_first_retr
     for row, reference in references.items():
         torch.testing.assert_close(bank[row], reference[0], rtol=1e-6, atol=0)
     assert torch.equal(bank[1], start[1])
-    assert optimizer.state[bank]["row_step"].tolist() == [60, 0, 11]
+    assert optimizer.state[bank]["step"].tolist() == [60, 0, 11]
 
 
 def test_dense_parameters_get_torchs_adamw_step_exactly():
@@ -96,7 +96,7 @@ def test_a_checkpointed_optimizer_resumes_with_its_row_counts(tmp_path, fused):
         resumed.grad = sparse_rows(rows, values, (4, 2))
         optimizer.step()
     assert torch.equal(resumed, straight)
-    assert optimizer.state[resumed]["row_step"].tolist() == [2, 1, 0, 3]
+    assert optimizer.state[resumed]["step"].tolist() == [2, 1, 0, 3]
 
 
 @pytest.mark.parametrize("option", ["amsgrad", "maximize", "capturable", "differentiable"])

@@ -106,7 +106,7 @@ def test_recipe_runs_under_two_process_data_parallel(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
-    assert json.loads((out / "metrics.json").read_text())["metrics"]["all"]["rougeL"] >= 0
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["adapter"]["all"]["rougeL"] >= 0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 2
     assert json.loads((out / "adapter_config.json").read_text())["peft_type"] == "TKI"
 
