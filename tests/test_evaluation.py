@@ -105,3 +105,16 @@ def test_paired_bootstrap_on_a_constant_shift_and_on_noise():
     assert single.detectable == pytest.approx(2.8 * single.standard_error, rel=0.01)
     with pytest.raises(ValueError, match="same examples"):
         paired_bootstrap(b[:, :10], b[:, :11])
+
+
+def test_generation_with_a_tokenizer_without_a_pad_token_gives_the_same_answers():
+    model = trained_like(get_peft_model(tiny_llama(), tki_config()))
+    generator = torch.Generator().manual_seed(0)
+    dataset = Dataset.from_list(
+        [{"prompt": p, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()} for p in ("Paris is", "The is")]
+    )
+    with_pad = generate_answers(model, tiny_tokenizer(), dataset, max_new_tokens=3, batch_size=2)
+    tokenizer = tiny_tokenizer()
+    tokenizer.pad_token = None
+    assert generate_answers(model, tokenizer, dataset, max_new_tokens=3, batch_size=2) == with_pad
+    assert tokenizer.pad_token is None

@@ -56,6 +56,9 @@ def generate_answers(
     budget = max_new_tokens if isinstance(max_new_tokens, dict) else defaultdict(lambda: max_new_tokens)
     order = sorted(range(len(texts)), key=lambda i: (groups[i], len(texts[i])))
     padding_side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    pad_token = tokenizer.pad_token
+    if pad_token is None:  # Llama-3's tokenizers have none; left padding is masked, so end-of-sequence serves
+        tokenizer.pad_token = tokenizer.eos_token
     answers = [""] * len(texts)
     was_training = model.training
     model.eval()
@@ -80,5 +83,7 @@ def generate_answers(
                 answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = padding_side
+        if pad_token is None:
+            tokenizer.pad_token = None
         model.train(was_training)
     return answers
