@@ -31,6 +31,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
 from tki_trainer import TKIConfig, TKITrainer, load_embedded_model, preparation
+from tki_trainer._io import staged_file
 from tki_trainer.data import (
     as_conversational,
     fit_prompts,
@@ -157,9 +158,9 @@ def _per_group(dataset: Dataset, column: str, total: int | None, seed: int) -> D
     return shuffled.select(sorted(keep))
 
 
-def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Dataset, Dataset, str, str]:
-    """Training rows and evaluation rows (one per prompt, with ``references``), fitted into max_length; the column
-    that batches generation (task or cluster) and the one results are reported by (category or cluster)."""
+def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Dataset, Dataset, str]:
+    """Training rows and evaluation rows (one per prompt, with ``references``), fitted into max_length, and the
+    column that results are reported (and generation is batched) by: SNI's task category, or P3's cluster."""
     source = Path(recipe.train_data)
     if source.is_dir():
         splits = sni_splits(source, recipe.num_validation_tasks, seed=config.seed)
@@ -174,19 +175,17 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
         train = sni_from_hub_rows(load_dataset(recipe.train_data, split="train"))
         evaluation = sni_from_hub_rows(load_dataset(recipe.train_data, split="test"))
     if recipe.eval_data:
-        evaluation, batch_by, report_by = group_references(load_p3(recipe.eval_data, seed=config.seed)), "cluster", "cluster"
+        evaluation = group_references(load_p3(recipe.eval_data, seed=config.seed))
     elif evaluation is None:
         raise SystemExit("sni_llama.py: P3 training rows need --eval_data (a P3 held-out .jsonl.gz).")
-    else:
-        batch_by, report_by = "task", "category"
+    group = next(column for column in ("category", "cluster", "task") if column in evaluation.column_names)
     fitted = []
-    for name, rows, column, total in (("train", train, "task" if "task" in train.column_names else "cluster",
-                                       recipe.num_train_rows), ("evaluation", evaluation, batch_by, recipe.num_eval_prompts)):
+    for name, rows, total in (("train", train, recipe.num_train_rows), ("evaluation", evaluation, recipe.num_eval_prompts)):
         fit = fit_sni_prompts if "definition" in rows.column_names else fit_prompts
         rows, report = fit(as_conversational(rows), tokenizer, config.max_length)
-        fitted.append(_per_group(rows, column, total, config.seed))
+        fitted.append(_per_group(rows, "task" if "task" in rows.column_names else "cluster", total, config.seed))
         print(f"{name}: {report}; {len(fitted[-1])} of them used")
-    return fitted[0], fitted[1], batch_by, report_by
+    return fitted[0], fitted[1], group
 
 
 def adapter_config(recipe: RecipeArguments, config: TKIConfig, key_dim: int):
@@ -198,11 +197,11 @@ def adapter_config(recipe: RecipeArguments, config: TKIConfig, key_dim: int):
     return latent_lora_config(recipe.preset, key_dim=key_dim, encoder_name=encoder, **overrides)
 
 
-def evaluate(trainer: TKITrainer, evaluation: Dataset, batch_by: str, recipe: RecipeArguments, output_dir: Path):
-    """Greedy answers of the adapter (and of the base model) on the evaluation prompts, saved and reused on a
-    rerun; returns ``{system: score_by results}`` with SNI's copy heuristics beside them."""
+def evaluate(trainer: TKITrainer, evaluation: Dataset, group: str, recipe: RecipeArguments, output_dir: Path):
+    """Greedy answers of the adapter (and of the base model, adapters off) on the evaluation prompts, ``{system:
+    answers}``; each system's predictions are saved (whole or not at all) and reused on a rerun."""
     model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
-    budgets = answer_budgets(tokenizer, evaluation["references"], evaluation[batch_by])
+    budgets = answer_budgets(tokenizer, evaluation["references"], evaluation[group])
     systems = {"adapter": False, "base": True} if recipe.evaluate_base_model else {"adapter": False}
     answers = {}
     for name, adapters_off in systems.items():
@@ -211,13 +210,14 @@ def evaluate(trainer: TKITrainer, evaluation: Dataset, batch_by: str, recipe: Re
             answers[name] = [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
             continue
         with model.disable_adapter() if adapters_off else contextlib.nullcontext():
-            answers[name] = generate_answers(model, tokenizer, evaluation, max_new_tokens=budgets, group_column=batch_by,
+            answers[name] = generate_answers(model, tokenizer, evaluation, max_new_tokens=budgets, group_column=group,
                                              batch_size=recipe.eval_batch_size)  # fmt: skip
         lines = [
-            json.dumps({"id": row["id"], batch_by: row[batch_by], "prediction": answer, "references": row["references"]})
+            json.dumps({"id": row["id"], group: row[group], "prediction": answer, "references": row["references"]})
             for row, answer in zip(evaluation, answers[name])
         ]
-        path.write_text("".join(line + "\n" for line in lines))
+        with staged_file(path) as staging:
+            staging.write_text("".join(line + "\n" for line in lines))
     return answers
 
 
@@ -231,7 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     (output_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str))
 
     model, tokenizer = load_model(recipe, config)
-    train, evaluation, batch_by, report_by = load_data(recipe, config, tokenizer)
+    train, evaluation, group = load_data(recipe, config, tokenizer)
     key_dim = preparation.query_encoder(config.query_encoder).get_embedding_dimension()
     trainer = TKITrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                          peft_config=adapter_config(recipe, config, key_dim))  # fmt: skip
@@ -245,15 +245,15 @@ def main(argv: list[str] | None = None) -> dict:
         evaluation = preparation.with_routing_columns(
             evaluation, routing, encoder=config.query_encoder, cache_dir=output_dir / "_tki_cache" / "queries"
         )
-    answers = evaluate(trainer, evaluation, batch_by, recipe, output_dir)
-    results = {name: score_by(values, evaluation["references"], evaluation[report_by]) for name, values in answers.items()}
+    answers = evaluate(trainer, evaluation, group, recipe, output_dir)
+    results = {name: score_by(values, evaluation["references"], evaluation[group]) for name, values in answers.items()}
     if "definition" in evaluation.column_names:
-        results.update(score_heuristics(evaluation, report_by))
+        results.update(score_heuristics(evaluation, group))
     (output_dir / "metrics.json").write_text(
         json.dumps({"metrics": results, "preset": recipe.preset, "seconds": time.time() - start}, indent=2)
     )
-    table = results_table(results["adapter"], report_by)
-    rouge = side_by_side(results, metric="rougeL", group=report_by)
+    table = results_table(results["adapter"], group)
+    rouge = side_by_side(results, metric="rougeL", group=group)
     source = recipe.eval_data or f"the test tasks of {recipe.train_data}"
     card = (
         f"Greedy answers on {len(evaluation)} prompts of unseen tasks ({source}), x100, best over each prompt's "
