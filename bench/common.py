@@ -11,13 +11,13 @@ from pathlib import Path
 
 import torch
 
-from tki_trainer.reinstatement import PriorInputConfig
+from tki_trainer.presets import prior_input_config
 
 
 RESULTS = Path(__file__).parent / "results"
 P3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3"
 """The shared data folder beside the repository."""
-STAGE1 = PriorInputConfig(steps=3, learning_rate=1e-3)
+STAGE1 = prior_input_config("embedded")
 """KR stage 1 of the embedded preset (recipes/sni_llama.py)."""
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "sentence-transformers", "tki-trainer")
 

@@ -31,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
-from peft import LoraConfig, PeftModel
+from peft import PeftModel
 
 from common import P3, RESULTS, STAGE1, write_results
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lora_config, load_embedded_model
 from tki_trainer._io import staged_directory, staged_file
+from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import (
     add_query_embeddings,
     as_conversational,
@@ -47,6 +48,7 @@ from tki_trainer.data import (
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.evaluation.comparison import paired_bootstrap
+from tki_trainer.presets import shared_lora_config
 from tki_trainer.retrieval import retrieve
 from tki_trainer.tuner.model import find_tuner
 
@@ -122,13 +124,13 @@ def train(method: str, lr: float, seed: int, data: Data, store: Path | None, wor
     """Train one configuration; save its adapter under the work dir and return what training logged."""
     model, tokenizer = load_embedded_model()
     switches = SWITCHES[method]
-    peft_config = embedded_lora_config() if switches["lta"] else LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = embedded_lora_config() if switches["lta"] else shared_lora_config("embedded")
     output_dir = work_dir / "runs" / run_name(method, lr, seed)
     args = TKIConfig(
         output_dir=str(output_dir), learning_rate=lr, seed=seed, per_device_train_batch_size=BATCH, num_train_epochs=1,
         max_length=MAX_LENGTH, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
         logging_steps=4, save_strategy="no", reinstatement_alpha=ALPHA, prior_inputs_dir=str(store) if switches["kr"] else None,
-        dataset_num_proc=None, **switches,
+        dataset_num_proc=None, **switches, **prior_input_arguments(STAGE1),
     )
     trainer = TKITrainer(model, args=args, train_dataset=data.train, processing_class=tokenizer, peft_config=peft_config)
     start = time.time()

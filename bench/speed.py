@@ -41,6 +41,7 @@ from tki_trainer import (
     load_embedded_model,
     route,
 )
+from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import add_query_embeddings, as_conversational, fit_prompts, group_references, load_p3
 from tki_trainer.reinstatement import PriorInputConfig
 
@@ -59,6 +60,10 @@ def shared_lora() -> LoraConfig:
     return LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
 
 
+MIXED = PriorInputConfig(learning_rate=0.0)
+"""Stage 1 that leaves q = e: the base of the mixed store, whose deltas are then overwritten."""
+
+
 def training_rows():
     _, tokenizer = load_embedded_model()
     dataset, _ = fit_prompts(load_p3(P3 / "train.jsonl.gz", limit=8, seed=2, conversational=True), tokenizer, 256)
@@ -70,7 +75,7 @@ def stores(work: Path, dataset) -> dict[str, Path]:
     prompt plus noise (harder), of the others the prompt itself (never harder), so every micro-batch of 4 mixes."""
     model, tokenizer = load_embedded_model()
     store = compute_prior_inputs(model, tokenizer, dataset, work / "store", config=STAGE1, max_length=256)
-    mixed = compute_prior_inputs(model, tokenizer, dataset, work / "mixed", config=PriorInputConfig(learning_rate=0.0), max_length=256)
+    mixed = compute_prior_inputs(model, tokenizer, dataset, work / "mixed", config=MIXED, max_length=256)
     generator = torch.Generator().manual_seed(0)
     ids = sorted(mixed.examples)
     deltas = {i: torch.randn(mixed.load_delta(i).shape, generator=generator) * (0.05 if n % 2 else 0.0) for n, i in enumerate(ids)}
@@ -85,10 +90,12 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
     bank = {"num_groups": 16, "keys_per_group": 12} if name == "tki_m192" else {}
     peft_config = embedded_lora_config(**bank) if switches["lta"] else shared_lora()
     store = store_dirs["mixed" if name == "tki_mixed" else "store"] if switches["kr"] else None
+    stage1 = prior_input_arguments(MIXED if name == "tki_mixed" else STAGE1)
     args = TKIConfig(
         output_dir=f"{output_dir}/{name}-{batch}", per_device_train_batch_size=batch, bf16=False, use_cpu=True,
         report_to="none", max_length=256, prior_inputs_dir=str(store) if store else None,
         activation_checkpointing=False, dataset_num_proc=None, train_sampling_strategy="sequential", **switches,
+        **stage1,
     )
     trainer = TKITrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
@@ -106,18 +113,18 @@ def step(trainer: TKITrainer, batch) -> float:
     return time.perf_counter() - start
 
 
-def _mixes(batch) -> bool:
+def _mixes(trainer: TKITrainer, batch) -> bool:
     """A batch of the mixed store holding a row whose prior input is harder (noised), and, beyond one row, one
     whose is not."""
-    noised = batch["prior_deltas"].flatten(1).abs().sum(1) > 0
+    noised = torch.tensor([bool(trainer._store.load_delta(i).abs().sum() > 0) for i in batch["example_ids"]])
     return bool(noised.any()) and (len(noised) == 1 or not bool(noised.all()))
 
 
 def mixing_position(batch: int, dataset, store_dirs: dict[str, Path], work: Path) -> int:
     """Where the mixed store's (sequential) loader first yields a mixing batch: every configuration steps on the
     batch at this position, the same rows, so each ratio is row for row."""
-    loader = build("tki_mixed", batch, dataset, store_dirs, str(work)).get_train_dataloader()
-    return next(n for n, b in enumerate(loader) if _mixes(b))
+    trainer = build("tki_mixed", batch, dataset, store_dirs, str(work))
+    return next(n for n, b in enumerate(trainer.get_train_dataloader()) if _mixes(trainer, b))
 
 
 def batch_at(trainer: TKITrainer, position: int) -> dict:

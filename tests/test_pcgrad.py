@@ -1,7 +1,7 @@
-import pcgrad_collectives
 import pytest
 import torch
 
+import pcgrad_collectives
 from tki_trainer.pcgrad import PCGradAccumulator, project
 
 

@@ -33,6 +33,11 @@ def _prior_input_config(self) -> PriorInputConfig:
     )
 
 
+def prior_input_arguments(config: PriorInputConfig) -> dict[str, object]:
+    """``config`` as the ``prior_inputs_*`` keyword arguments of `TKIConfig` (e.g. to train on a store it wrote)."""
+    return {PRIOR_INPUTS_PREFIX + name: value for name, value in dataclasses.asdict(config).items()}
+
+
 PriorInputArguments = dataclasses.make_dataclass(
     "PriorInputArguments",
     _prior_input_fields(),

@@ -52,8 +52,9 @@ class LazyAdamW(torch.optim.AdamW):
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                lazy = "row_step" in self.state[p]
-                if p.grad.is_sparse != lazy and self.state[p]:
+                state = self.state[p]
+                lazy = bool(state) and state["step"].dim() > 0
+                if p.grad.is_sparse != lazy and state:
                     kind = "dense" if lazy else "sparse"
                     raise ValueError(
                         f"LazyAdamW got a {kind} gradient for a parameter it has updated with the other kind: keep each "
@@ -70,22 +71,24 @@ class LazyAdamW(torch.optim.AdamW):
         return loss
 
     def _lazy_update(self, group: dict[str, Any], p: torch.Tensor, grad: torch.Tensor) -> None:
-        """AdamW's update, written out in torch's order, on the rows ``grad`` holds, each with its own count."""
+        """AdamW's update, written out in torch's order, on the rows ``grad`` holds, each with its own count.
+
+        ``state["step"]`` holds the per-row counts, [rows]: `torch.optim.Optimizer.load_state_dict` casts every
+        other state tensor to the parameter's dtype, which in bf16 would round counts above 256.
+        """
         state = self.state[p]
         if not state:
-            # ``step`` counts the parameter's updates; torch's (de)serialisation of Adam state expects it.
-            state["step"] = torch.zeros((), dtype=torch.float32)
-            state["row_step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
+            state["step"] = torch.zeros(p.shape[0], dtype=torch.long, device=p.device)
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         beta1, beta2 = group["betas"]
         lr, eps, weight_decay = group["lr"], group["eps"], group["weight_decay"]
         rows, g = grad.indices()[0], grad.values()
-        state["step"] += 1
-        state["row_step"].index_add_(0, rows, torch.ones_like(rows))
+        counts = state["step"] = state["step"].to(p.device)
+        counts.index_add_(0, rows, torch.ones(len(rows), dtype=counts.dtype, device=p.device))
         # torch computes the bias corrections in double precision (Python floats); MPS has no float64.
         precision = torch.float32 if p.device.type == "mps" else torch.float64
-        steps = state["row_step"].index_select(0, rows).to(precision).view(-1, *[1] * (p.dim() - 1))
+        steps = counts.index_select(0, rows).to(precision).view(-1, *[1] * (p.dim() - 1))
         values = p.index_select(0, rows)
         values.mul_(1 - lr * weight_decay)
         exp_avg = state["exp_avg"].index_select(0, rows).lerp_(g, 1 - beta1)

@@ -12,7 +12,9 @@ from typing import Any
 
 from peft import LoraConfig
 
+from .config import PRIOR_INPUTS_PREFIX
 from .embedded import ENCODER_DIM, ENCODER_NAME
+from .reinstatement import PriorInputConfig
 from .tuner import LatentLoraConfig
 
 
@@ -110,6 +112,12 @@ def latent_lora_config(preset: str = "paper", *, key_dim: int, **overrides: Any)
         encoder_name=values.get("encoder_name"),
         encoder_dim=key_dim if values.get("encoder_name") else None,
     )
+
+
+def prior_input_config(preset: str = "paper") -> PriorInputConfig:
+    """A preset's KR stage-1 settings (`PriorInputConfig`'s defaults where the preset sets none)."""
+    values = {name.removeprefix(PRIOR_INPUTS_PREFIX): value for name, (value, _) in PRESETS[preset].items()}
+    return PriorInputConfig(**{f: values[f] for f in PriorInputConfig.__dataclass_fields__ if f in values})
 
 
 def embedded_lora_config(**overrides: Any) -> LatentLoraConfig:

@@ -330,7 +330,12 @@ class TKITrainer(SFTTrainer):
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
-        return 1.0 if scaled else 1.0 / self.current_gradient_accumulation_steps
+        return 1.0 if scaled else 1.0 / self._accumulation_steps
+
+    @property
+    def _accumulation_steps(self) -> int:
+        """Micro-batches in the current optimizer step (the Trainer's count, set by its loop; else the argument)."""
+        return getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
 
     def _reduce_gradients(self) -> None:
         """At the end of an effective batch: all-reduce (and with PCGrad project) the accumulated gradients."""
@@ -361,7 +366,7 @@ class TKITrainer(SFTTrainer):
         micro-batches when the loss is normalised over the effective batch, so that the average over a step is the
         effective batch's value."""
         gather = self.accelerator.gather_for_metrics
-        share = self.current_gradient_accumulation_steps * self._gradient_scale(num_items_in_batch)
+        share = self._accumulation_steps * self._gradient_scale(num_items_in_batch)
         metrics = self._metrics["train"]
         metrics["loss_sft"].append(gather(objectives.sft.detach()).mean().item() * share)
         metrics["loss_reinst"].append(gather(objectives.reinstatement.detach()).mean().item() * share)
