@@ -23,12 +23,30 @@ LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "
 
 
 def environment() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")), platform.processor())
+    cpu = next(
+        (
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        ),
+        platform.processor(),
+    )
     return {
-        "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "platform": platform.platform()},
+        "machine": {
+            "cpu": cpu,
+            "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(),
+            "platform": platform.platform(),
+        },
         "python": sys.version.split()[0],
         "versions": {name: version(name) for name in LIBRARIES},
-        "command": " ".join([*(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")), Path(sys.executable).name, *sys.argv]),
+        "command": " ".join(
+            [
+                *(f"{k}={v}" for k, v in os.environ.items() if k.startswith("MALLOC_")),
+                Path(sys.executable).name,
+                *sys.argv,
+            ]
+        ),
     }
 
 
@@ -36,8 +54,12 @@ def write_results(name: str, payload: dict, table: str) -> None:
     """``results/<name>.json`` (every number, with the environment) and ``results/<name>.md`` (the short table)."""
     RESULTS.mkdir(exist_ok=True)
     payload = {**payload, "environment": environment()}
-    as_json = json.dumps(payload, indent=2, default=lambda value: sorted(value) if isinstance(value, set) else str(value))
+    as_json = json.dumps(
+        payload, indent=2, default=lambda value: sorted(value) if isinstance(value, set) else str(value)
+    )
     (RESULTS / f"{name}.json").write_text(as_json + "\n")
     env = payload["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    (RESULTS / f"{name}.md").write_text(f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n")
+    (RESULTS / f"{name}.md").write_text(
+        f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n"
+    )

@@ -30,12 +30,19 @@ P3_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3" / "tra
 
 def sft_epoch_seconds(rows, tokenizer, batch_size: int) -> float:
     model, _ = load_embedded_model()
-    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")).train()
+    model = get_peft_model(
+        model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+    ).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
     start = time.perf_counter()
     for offset in range(0, len(rows), batch_size):
-        batch = collator([{"input_ids": r.input_ids, "labels": [-100] * r.prompt_length + r.input_ids[r.prompt_length :]} for r in rows[offset : offset + batch_size]])
+        batch = collator(
+            [
+                {"input_ids": r.input_ids, "labels": [-100] * r.prompt_length + r.input_ids[r.prompt_length :]}
+                for r in rows[offset : offset + batch_size]
+            ]
+        )
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
@@ -45,9 +52,13 @@ def sft_epoch_seconds(rows, tokenizer, batch_size: int) -> float:
 def storage_errors(model, tokenizer, rows, config) -> dict[str, float]:
     """Relative error |stored - q| / |q - e| of each storage form, over one batch."""
     collator = DataCollatorForLanguageModeling(pad_token_id=tokenizer.pad_token_id)
-    batch = collator([{"input_ids": r.input_ids, "labels": [-100] * r.prompt_length + r.input_ids[r.prompt_length :]} for r in rows])
+    batch = collator(
+        [{"input_ids": r.input_ids, "labels": [-100] * r.prompt_length + r.input_ids[r.prompt_length :]} for r in rows]
+    )
     lengths = torch.tensor([r.prompt_length for r in rows])
-    result = optimize_prior_inputs(model.eval(), batch["input_ids"], batch["attention_mask"], batch["labels"], lengths, config)
+    result = optimize_prior_inputs(
+        model.eval(), batch["input_ids"], batch["attention_mask"], batch["labels"], lengths, config
+    )
     change = (result.embeddings - result.initial).norm()
     delta = result.initial + (result.embeddings - result.initial).bfloat16().float()
     absolute = result.embeddings.bfloat16().float()
@@ -78,7 +89,9 @@ def main() -> None:
     config = PriorInputConfig(batch_size=args.batch_size)
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        store = compute_prior_inputs(model, tokenizer, dataset, Path(tmp) / "store", config=config, max_length=args.max_length)
+        store = compute_prior_inputs(
+            model, tokenizer, dataset, Path(tmp) / "store", config=config, max_length=args.max_length
+        )
         stage1 = time.perf_counter() - start
         stored_bytes = sum(p.stat().st_size for p in store.path.glob("shard-*"))
         summary = store.summary()
@@ -86,7 +99,10 @@ def main() -> None:
     floor = sum(r.prompt_length for r in rows) * model.config.hidden_size * 2
     errors = storage_errors(model, tokenizer, rows[: args.batch_size], config)
 
-    ratios = {"stage1_per_stage_epoch_over_sft_epoch": stage1 / config.steps / sft, "stored_bytes_over_floor": stored_bytes / floor}
+    ratios = {
+        "stage1_per_stage_epoch_over_sft_epoch": stage1 / config.steps / sft,
+        "stored_bytes_over_floor": stored_bytes / floor,
+    }
     table = "\n".join(
         [
             f"KR preparation, embedded SmolLM2-135M, {len(rows)} P3 rows (chat format, <= {args.max_length} tokens; {report}), batch {args.batch_size}.",

@@ -58,7 +58,14 @@ MAX_LENGTH = 256
 TRAIN_ROWS = 256
 VALIDATION_PROMPTS = 128
 HELDOUT_PER_CLUSTER = 300
-BIGBENCH_TASKS = ("tense", "object_counting", "word_unscrambling", "sports_understanding", "date_understanding", "similarities_abstraction")
+BIGBENCH_TASKS = (
+    "tense",
+    "object_counting",
+    "word_unscrambling",
+    "sports_understanding",
+    "date_understanding",
+    "similarities_abstraction",
+)
 BIGBENCH_PER_TASK = 30
 ALPHA = 1.0
 BATCH = 4
@@ -73,7 +80,14 @@ SWITCHES = {
 }
 ABLATIONS = tuple(method for method in SWITCHES if method not in ("sft", "tki"))
 TEST_SETS = {"heldout": "cluster", "bigbench": "task"}
-TRAINING_LOGS = ("loss_sft", "loss_reinst", "reinst_q_win_rate", "pcgrad_conflict_rate", "pcgrad_cosine", "latent_usage_entropy")
+TRAINING_LOGS = (
+    "loss_sft",
+    "loss_reinst",
+    "reinst_q_win_rate",
+    "pcgrad_conflict_rate",
+    "pcgrad_cosine",
+    "latent_usage_entropy",
+)
 
 
 class Data:
@@ -90,7 +104,10 @@ class Data:
         validation = group_references(rest.select(range(4 * VALIDATION_PROMPTS)))
         validation = as_conversational(validation.select(range(min(VALIDATION_PROMPTS, len(validation)))))
         held = group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0))
-        per_cluster = [held.filter(lambda c, name=name: c == name, input_columns="cluster") for name in sorted(held.unique("cluster"))]
+        per_cluster = [
+            held.filter(lambda c, name=name: c == name, input_columns="cluster")
+            for name in sorted(held.unique("cluster"))
+        ]
         held = concatenate_datasets([part.select(range(min(HELDOUT_PER_CLUSTER, len(part)))) for part in per_cluster])
         sets = {
             "validation": validation,
@@ -127,12 +144,27 @@ def train(method: str, lr: float, seed: int, data: Data, store: Path | None, wor
     peft_config = embedded_lora_config() if switches["lta"] else shared_lora_config("embedded")
     output_dir = work_dir / "runs" / run_name(method, lr, seed)
     args = TKIConfig(
-        output_dir=str(output_dir), learning_rate=lr, seed=seed, per_device_train_batch_size=BATCH, num_train_epochs=1,
-        max_length=MAX_LENGTH, use_cpu=True, bf16=False, activation_checkpointing=False, report_to="none",
-        logging_steps=4, save_strategy="no", reinstatement_alpha=ALPHA, prior_inputs_dir=str(store) if switches["kr"] else None,
-        dataset_num_proc=None, **switches, **prior_input_arguments(STAGE1),
+        output_dir=str(output_dir),
+        learning_rate=lr,
+        seed=seed,
+        per_device_train_batch_size=BATCH,
+        num_train_epochs=1,
+        max_length=MAX_LENGTH,
+        use_cpu=True,
+        bf16=False,
+        activation_checkpointing=False,
+        report_to="none",
+        logging_steps=4,
+        save_strategy="no",
+        reinstatement_alpha=ALPHA,
+        prior_inputs_dir=str(store) if switches["kr"] else None,
+        dataset_num_proc=None,
+        **switches,
+        **prior_input_arguments(STAGE1),
     )
-    trainer = TKITrainer(model, args=args, train_dataset=data.train, processing_class=tokenizer, peft_config=peft_config)
+    trainer = TKITrainer(
+        model, args=args, train_dataset=data.train, processing_class=tokenizer, peft_config=peft_config
+    )
     start = time.time()
     trainer.train()
     seconds = time.time() - start
@@ -151,10 +183,17 @@ def latent_usage(model: PeftModel, dataset: Dataset) -> dict:
     tuner = find_tuner(model)
     config = tuner.peft_config["default"]
     indices, weights = retrieve(
-        torch.tensor(dataset["query_embedding"]), tuner.tki_keys["default"], config.num_groups, config.top_k, torch.tensor(dataset["group_id"]),
-        blend=config.blend, temperature=config.temperature,
+        torch.tensor(dataset["query_embedding"]),
+        tuner.tki_keys["default"],
+        config.num_groups,
+        config.top_k,
+        torch.tensor(dataset["group_id"]),
+        blend=config.blend,
+        temperature=config.temperature,
     )
-    mass = torch.zeros(config.num_latent_tasks, dtype=torch.float64).index_add_(0, indices.flatten(), weights.flatten().double())
+    mass = torch.zeros(config.num_latent_tasks, dtype=torch.float64).index_add_(
+        0, indices.flatten(), weights.flatten().double()
+    )
     count = torch.bincount(indices.flatten(), minlength=config.num_latent_tasks)
     return {"num_groups": config.num_groups, "mass": mass.tolist(), "count": count.tolist()}
 
@@ -172,7 +211,10 @@ def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: P
         members[name].append(index)
     return {
         "all": score(answers, references),
-        "by_group": {name: score([answers[i] for i in rows], [references[i] for i in rows]) for name, rows in sorted(members.items())},
+        "by_group": {
+            name: score([answers[i] for i in rows], [references[i] for i in rows])
+            for name, rows in sorted(members.items())
+        },
         "ids": ids,
         "groups": groups,
         "per_example": score_examples(answers, references),
@@ -180,7 +222,15 @@ def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: P
 
 
 def ensure(
-    name: str, method: str, lr: float, seed: int, pieces: tuple[str, ...], data: Data, store: Path | None, work_dir: Path, runs: Path = RUNS
+    name: str,
+    method: str,
+    lr: float,
+    seed: int,
+    pieces: tuple[str, ...],
+    data: Data,
+    store: Path | None,
+    work_dir: Path,
+    runs: Path = RUNS,
 ) -> dict:
     """Run whatever of ``train`` and the evaluation ``pieces`` this configuration lacks, saving each as it ends."""
     record = load_record(name, runs)
@@ -200,7 +250,9 @@ def ensure(
         print(f"== evaluating {name} on {piece}", flush=True)
         group = TEST_SETS.get(piece, "cluster")
         started = time.time()
-        result = evaluate(model, tokenizer, data.eval[piece], group, work_dir / "predictions" / name / f"{piece}.jsonl")
+        result = evaluate(
+            model, tokenizer, data.eval[piece], group, work_dir / "predictions" / name / f"{piece}.jsonl"
+        )
         result["seconds"] = time.time() - started
         record.setdefault("eval", {})[piece] = result
         save_record(name, record, runs)
@@ -213,7 +265,21 @@ def bigbench_source(work_dir: Path, given: str | None) -> Path:
         return Path(given)
     found = sorted(work_dir.glob("bigbench-1.0.0.tar.gz"))
     if not found:
-        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0", "-d", str(work_dir)], check=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--no-binary",
+                ":all:",
+                "bigbench==1.0.0",
+                "-d",
+                str(work_dir),
+            ],
+            check=True,
+        )
         found = sorted(work_dir.glob("bigbench-1.0.0.tar.gz"))
     return found[0]
 
@@ -229,8 +295,16 @@ def run(work_dir: Path, bigbench: str | None, ablations: bool) -> None:
     model, tokenizer = load_embedded_model()
     data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
     (RUNS).mkdir(parents=True, exist_ok=True)
-    (RUNS / "data.json").write_text(json.dumps({"fits": data.fits, "sizes": {k: len(v) for k, v in data.eval.items()} | {"train": len(data.train)}}, indent=1) + "\n")
-    store = compute_prior_inputs(model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH)
+    (RUNS / "data.json").write_text(
+        json.dumps(
+            {"fits": data.fits, "sizes": {k: len(v) for k, v in data.eval.items()} | {"train": len(data.train)}},
+            indent=1,
+        )
+        + "\n"
+    )
+    store = compute_prior_inputs(
+        model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH
+    )
     (RUNS / "stage1.json").write_text(json.dumps(store.summary(), indent=1) + "\n")
     del model
     args = (data, store.path, work_dir)
@@ -261,9 +335,25 @@ def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
     model, tokenizer = load_embedded_model()
     data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
     uses_kr = SWITCHES.get(config["method"], {}).get("kr", False)
-    store = compute_prior_inputs(model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH).path if uses_kr else None
+    store = (
+        compute_prior_inputs(
+            model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH
+        ).path
+        if uses_kr
+        else None
+    )
     del model
-    ensure(name, config["method"], config["learning_rate"], config["seed"], ("heldout",), data, store, work_dir, RUNS / "reproduced")
+    ensure(
+        name,
+        config["method"],
+        config["learning_rate"],
+        config["seed"],
+        ("heldout",),
+        data,
+        store,
+        work_dir,
+        RUNS / "reproduced",
+    )
 
 
 def reproductions() -> dict:
@@ -273,8 +363,13 @@ def reproductions() -> dict:
     for path in sorted((RUNS / "reproduced").glob("*.json")):
         again, original = json.loads(path.read_text()), load_record(path.stem)
         config = original["config"]
-        seeds = [r for r in finished_runs().values() if r["config"]["method"] == config["method"]
-                 and r["config"]["learning_rate"] == config["learning_rate"] and "heldout" in r.get("eval", {})]
+        seeds = [
+            r
+            for r in finished_runs().values()
+            if r["config"]["method"] == config["method"]
+            and r["config"]["learning_rate"] == config["learning_rate"]
+            and "heldout" in r.get("eval", {})
+        ]
         scores = [r["eval"]["heldout"]["all"]["rougeL"] for r in seeds]
         first, second = (np.array(r["eval"]["heldout"]["per_example"]["rougeL"]) for r in (original, again))
         found[path.stem] = {
@@ -291,7 +386,11 @@ def reproductions() -> dict:
 
 
 def finished_runs() -> dict[str, dict]:
-    return {path.stem: json.loads(path.read_text()) for path in sorted(RUNS.glob("*.json")) if path.stem not in ("data", "stage1")}
+    return {
+        path.stem: json.loads(path.read_text())
+        for path in sorted(RUNS.glob("*.json"))
+        if path.stem not in ("data", "stage1")
+    }
 
 
 def per_example(records: list[dict], test: str, metric: str = "rougeL") -> np.ndarray:
@@ -306,7 +405,12 @@ def training_summary(records: list[dict]) -> dict:
     summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
     for key in TRAINING_LOGS:
         field = "loss" if key == "loss_sft" and not records[0]["config"]["kr"] else key
-        logs = [(e["step"] / r["train"]["steps"], e[field]) for r in records for e in r["train"]["log_history"] if field in e]
+        logs = [
+            (e["step"] / r["train"]["steps"], e[field])
+            for r in records
+            for e in r["train"]["log_history"]
+            if field in e
+        ]
         if logs:
             summary[key] = float(np.mean([v for _, v in logs]))
             summary[f"{key}_last_quarter"] = float(np.mean([v for f, v in logs if f > 0.75] or [np.nan]))
@@ -329,34 +433,65 @@ def report() -> None:
         for test in TEST_SETS:
             for metric in ("bleu", "rouge1", "rouge2", "rougeL"):
                 values = [r["eval"][test]["all"][metric] for r in records]
-                row[f"{test}_{metric}"] = (float(np.mean(values)), float(np.std(values, ddof=1)) if len(values) > 1 else 0.0)
+                row[f"{test}_{metric}"] = (
+                    float(np.mean(values)),
+                    float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
+                )
         rows.append(row)
     tki = next((records for label, records in by_config.items() if label.startswith("tki (")), None)
     sft = next((records for label, records in by_config.items() if label.startswith("sft (")), None)
     if tki and sft:
         for test in TEST_SETS:
-            comparisons[f"tki_minus_sft_{test}"] = paired_bootstrap(per_example(tki, test), per_example(sft, test)).to_dict()
+            comparisons[f"tki_minus_sft_{test}"] = paired_bootstrap(
+                per_example(tki, test), per_example(sft, test)
+            ).to_dict()
         for label, records in by_config.items():
             if label.startswith("tki_no"):
                 for test in TEST_SETS:
-                    comparisons[f"{label.split()[0]}_minus_tki_{test}"] = paired_bootstrap(per_example(records, test), per_example(tki, test)).to_dict()
-    validation = {name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})}
+                    comparisons[f"{label.split()[0]}_minus_tki_{test}"] = paired_bootstrap(
+                        per_example(records, test), per_example(tki, test)
+                    ).to_dict()
+    validation = {
+        name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})
+    }
     reproduced = reproductions()
     table = markdown(rows, comparisons, validation, reproduced)
     planned = 1 + 2 * len(SEEDS) + len(ABLATIONS)
     if len(tested) < planned:
         table = f"**Incomplete: {len(tested)} of {planned} planned configurations evaluated on the test sets so far; rerun the command to continue.**\n\n{table}"
     payload = {
-        "rows": rows, "comparisons": comparisons, "validation_rougeL": validation, "reproductions": reproduced,
-        "runs": {name: {"config": r["config"], "train_seconds": r.get("train", {}).get("seconds"),
-                        "eval": {k: {"all": v["all"], "by_group": v["by_group"], "seconds": v.get("seconds")} for k, v in r.get("eval", {}).items()}}
-                 for name, r in runs.items()},
+        "rows": rows,
+        "comparisons": comparisons,
+        "validation_rougeL": validation,
+        "reproductions": reproduced,
+        "runs": {
+            name: {
+                "config": r["config"],
+                "train_seconds": r.get("train", {}).get("seconds"),
+                "eval": {
+                    k: {"all": v["all"], "by_group": v["by_group"], "seconds": v.get("seconds")}
+                    for k, v in r.get("eval", {}).items()
+                },
+            }
+            for name, r in runs.items()
+        },
         "data": json.loads((RUNS / "data.json").read_text()) if (RUNS / "data.json").is_file() else None,
         "stage1": json.loads((RUNS / "stage1.json").read_text()) if (RUNS / "stage1.json").is_file() else None,
-        "settings": {"max_length": MAX_LENGTH, "train_rows": TRAIN_ROWS, "validation_prompts": VALIDATION_PROMPTS,
-                     "heldout_per_cluster": HELDOUT_PER_CLUSTER, "bigbench_tasks": BIGBENCH_TASKS, "bigbench_per_task": BIGBENCH_PER_TASK,
-                     "learning_rates": LEARNING_RATES, "seeds": SEEDS, "alpha": ALPHA, "stage1": STAGE1.to_dict(),
-                     "tki": embedded_lora_config().to_dict(), "batch": BATCH, "epochs": 1},
+        "settings": {
+            "max_length": MAX_LENGTH,
+            "train_rows": TRAIN_ROWS,
+            "validation_prompts": VALIDATION_PROMPTS,
+            "heldout_per_cluster": HELDOUT_PER_CLUSTER,
+            "bigbench_tasks": BIGBENCH_TASKS,
+            "bigbench_per_task": BIGBENCH_PER_TASK,
+            "learning_rates": LEARNING_RATES,
+            "seeds": SEEDS,
+            "alpha": ALPHA,
+            "stage1": STAGE1.to_dict(),
+            "tki": embedded_lora_config().to_dict(),
+            "batch": BATCH,
+            "epochs": 1,
+        },
     }
     write_results("quality", payload, table)
     plot_clusters(by_config)
@@ -378,41 +513,67 @@ def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: 
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [cell(row[f"{test}_{metric}"]) for test in TEST_SETS for metric in ("bleu", "rouge1", "rouge2", "rougeL")]
+        cells = [
+            cell(row[f"{test}_{metric}"]) for test in TEST_SETS for metric in ("bleu", "rouge1", "rouge2", "rougeL")
+        ]
         lines.append(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
     trained = [row for row in rows if "training" in row]
     if trained:
-        lines += ["", "Training (mean over logged steps and seeds; in brackets the last quarter of the steps): q-win rate = share of "
-                  "rows whose prior input is the harder one (else L_reinst counts the prompt's loss again).", "",
-                  "| config | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Training (mean over logged steps and seeds; in brackets the last quarter of the steps): q-win rate = share of "
+            "rows whose prior input is the harder one (else L_reinst counts the prompt's loss again).",
+            "",
+            "| config | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for row in trained:
             t = row["training"]
             cells = [f"{t[k]:.3f} ({t[k + '_last_quarter']:.3f})" if k in t else "–" for k in TRAINING_LOGS]
             lines.append(f"| {row['config']} | " + " | ".join(cells) + " |")
     if comparisons:
-        lines += ["", "Paired bootstrap over examples and seeds, ROUGE-L (95% interval; 'detectable' = smallest difference "
-                  "this set finds with 80% power):", "", "| comparison | test set | difference | 95% interval | detectable | verdict |", "|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Paired bootstrap over examples and seeds, ROUGE-L (95% interval; 'detectable' = smallest difference "
+            "this set finds with 80% power):",
+            "",
+            "| comparison | test set | difference | 95% interval | detectable | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
         for name, c in comparisons.items():
             label, test = name.rsplit("_", 1)
-            lines.append(f"| {label.replace('_minus_', ' − ')} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | {c['detectable']:.2f} | {c['verdict'].replace('a better', 'first better').replace('b better', 'second better')} |")
+            lines.append(
+                f"| {label.replace('_minus_', ' − ')} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | {c['detectable']:.2f} | {c['verdict'].replace('a better', 'first better').replace('b better', 'second better')} |"
+            )
     if "tki_minus_sft_heldout" in comparisons:
         c = comparisons["tki_minus_sft_heldout"]
         met = c["difference"] >= 1.0 and c["low"] > 0
-        lines += ["", f"Target TKI − SFT >= +1.0 ROUGE-L on the held-out clusters with the interval above 0: "
-                  f"{'met' if met else 'not met'} ({c['difference']:+.2f}, [{c['low']:+.2f}, {c['high']:+.2f}], {c['verdict'].replace('a better', 'TKI better').replace('b better', 'SFT better')})."]
+        lines += [
+            "",
+            f"Target TKI − SFT >= +1.0 ROUGE-L on the held-out clusters with the interval above 0: "
+            f"{'met' if met else 'not met'} ({c['difference']:+.2f}, [{c['low']:+.2f}, {c['high']:+.2f}], {c['verdict'].replace('a better', 'TKI better').replace('b better', 'SFT better')}).",
+        ]
         ablations = {k: v for k, v in comparisons.items() if k.startswith("tki_no") and k.endswith("heldout")}
         if ablations:
             below = [k.split("_minus_")[0] for k, v in ablations.items() if v["difference"] < 0]
-            lines.append(f"Target: each ablation below full TKI on the held-out clusters: {len(below)} of {len(ablations)} below "
-                         f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved.")
+            lines.append(
+                f"Target: each ablation below full TKI on the held-out clusters: {len(below)} of {len(ablations)} below "
+                f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved."
+            )
     if validation:
-        lines += ["", "Validation ROUGE-L (learning-rate choice, seed 0): " + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0"))]
+        lines += [
+            "",
+            "Validation ROUGE-L (learning-rate choice, seed 0): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0")),
+        ]
     if reproduced:
         lines.append("")
     for name, r in reproduced.items():
         spread = f"seed sd {r['seed_sd']:.2f}" if r["seed_sd"] is not None else "no seed spread yet"
-        lines.append(f"- Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
-                     f"{r['rougeL_reproduced']:.2f} ({spread}); {r['identical_examples']} of {r['examples']} examples scored identically.")
+        lines.append(
+            f"- Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
+            f"{r['rougeL_reproduced']:.2f} ({spread}); {r['identical_examples']} of {r['examples']} examples scored identically."
+        )
     return "\n".join(lines)
 
 
@@ -432,7 +593,11 @@ def saved_figure(filename: str, **layout) -> Iterator:
 
 
 def plot_clusters(by_config: dict[str, list[dict]]) -> None:
-    groups = [(test, name) for test in TEST_SETS for name in next(iter(by_config.values()))[0]["eval"][test]["by_group"]] if by_config else []
+    groups = (
+        [(test, name) for test in TEST_SETS for name in next(iter(by_config.values()))[0]["eval"][test]["by_group"]]
+        if by_config
+        else []
+    )
     with saved_figure("quality_rougeL.png", figsize=(max(8, 1.2 * len(groups)), 4.5)) as axis:
         _cluster_bars(axis, by_config, groups)
 
@@ -446,7 +611,9 @@ def _cluster_bars(axis, by_config: dict[str, list[dict]], groups: list[tuple[str
         if len(records) > 1:
             for seed_values in values:
                 axis.plot(x, seed_values, "k.", markersize=3)
-    axis.set_xticks(np.arange(len(groups)) + 0.4 - width / 2, [name for _, name in groups], rotation=30, ha="right", fontsize=8)
+    axis.set_xticks(
+        np.arange(len(groups)) + 0.4 - width / 2, [name for _, name in groups], rotation=30, ha="right", fontsize=8
+    )
     axis.set_ylabel("ROUGE-L")
     axis.set_title("ROUGE-L per unseen cluster / BIG-bench task (dots: seeds)")
     axis.legend(fontsize=7)
@@ -476,7 +643,9 @@ def _usage_panels(bars, curve, usage: dict[str, dict]) -> None:
         if points:
             curve.plot(*zip(*points), marker=".", label=name)
     reachable = min(len(mass), BATCH * embedded_lora_config().top_k)
-    curve.axhline(np.log(reachable), color="grey", linestyle="--", label=f"log {reachable}: {BATCH} rows x k spread evenly")
+    curve.axhline(
+        np.log(reachable), color="grey", linestyle="--", label=f"log {reachable}: {BATCH} rows x k spread evenly"
+    )
     curve.set_xlabel("step")
     curve.set_ylabel("usage entropy per batch (nats)")
     curve.legend(fontsize=7)
@@ -484,11 +653,15 @@ def _usage_panels(bars, curve, usage: dict[str, dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--work_dir", default="outputs/bench-quality", help="Adapters, stage-1 store, predictions, BIG-bench sdist.")
+    parser.add_argument(
+        "--work_dir", default="outputs/bench-quality", help="Adapters, stage-1 store, predictions, BIG-bench sdist."
+    )
     parser.add_argument("--bigbench", help="Path of bigbench-1.0.0.tar.gz (downloaded into work_dir when omitted).")
     parser.add_argument("--no_ablations", action="store_true", help="Skip TKI without LTA / KR / PCGrad.")
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and plots from saved results.")
-    parser.add_argument("--reproduce", metavar="RUN", help="Rerun one saved run (e.g. sft-lr0.0002-s0) from nothing and compare.")
+    parser.add_argument(
+        "--reproduce", metavar="RUN", help="Rerun one saved run (e.g. sft-lr0.0002-s0) from nothing and compare."
+    )
     args = parser.parse_args()
     if args.reproduce:
         reproduce(args.reproduce, Path(args.work_dir), args.bigbench)

@@ -78,8 +78,14 @@ def stores(work: Path, dataset) -> dict[str, Path]:
     mixed = compute_prior_inputs(model, tokenizer, dataset, work / "mixed", config=MIXED, max_length=256)
     generator = torch.Generator().manual_seed(0)
     ids = sorted(mixed.examples)
-    deltas = {i: torch.randn(mixed.load_delta(i).shape, generator=generator) * (0.05 if n % 2 else 0.0) for n, i in enumerate(ids)}
-    entries = {i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")} for i, e in mixed.examples.items()}
+    deltas = {
+        i: torch.randn(mixed.load_delta(i).shape, generator=generator) * (0.05 if n % 2 else 0.0)
+        for n, i in enumerate(ids)
+    }
+    entries = {
+        i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")}
+        for i, e in mixed.examples.items()
+    }
     mixed.write_shard("999-00000", deltas, entries)
     return {"store": store.path, "mixed": mixed.path}
 
@@ -92,9 +98,17 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
     store = store_dirs["mixed" if name == "tki_mixed" else "store"] if switches["kr"] else None
     stage1 = prior_input_arguments(MIXED if name == "tki_mixed" else STAGE1)
     args = TKIConfig(
-        output_dir=f"{output_dir}/{name}-{batch}", per_device_train_batch_size=batch, bf16=False, use_cpu=True,
-        report_to="none", max_length=256, prior_inputs_dir=str(store) if store else None,
-        activation_checkpointing=False, dataset_num_proc=None, train_sampling_strategy="sequential", **switches,
+        output_dir=f"{output_dir}/{name}-{batch}",
+        per_device_train_batch_size=batch,
+        bf16=False,
+        use_cpu=True,
+        report_to="none",
+        max_length=256,
+        prior_inputs_dir=str(store) if store else None,
+        activation_checkpointing=False,
+        dataset_num_proc=None,
+        train_sampling_strategy="sequential",
+        **switches,
         **stage1,
     )
     trainer = TKITrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
@@ -187,10 +201,17 @@ def memory(positions: dict[int, int], work: Path) -> dict:
     results = {}
     for batch, position in positions.items():
         for name in CONFIGS:
-            output = subprocess.run(
-                [sys.executable, __file__, "--memory_probe", name, str(batch), str(position), str(work)], capture_output=True, text=True, check=True,
-                env={**os.environ, "TQDM_DISABLE": "1"},
-            ).stdout.strip().splitlines()[-1]
+            output = (
+                subprocess.run(
+                    [sys.executable, __file__, "--memory_probe", name, str(batch), str(position), str(work)],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                    env={**os.environ, "TQDM_DISABLE": "1"},
+                )
+                .stdout.strip()
+                .splitlines()[-1]
+            )
             results.setdefault(batch, {})[name] = json.loads(output)
         sft = results[batch]["sft"]["peak_mb"] - results[batch]["sft"]["ready_mb"]
         for values in results[batch].values():
@@ -205,7 +226,11 @@ def stage1_cost(dataset, sft_step_seconds: float, batch: int) -> dict:
         start = time.perf_counter()
         compute_prior_inputs(model, tokenizer, dataset, Path(tmp) / "store", config=STAGE1, max_length=256)
         per_example = (time.perf_counter() - start) / len(dataset)
-    return {"seconds_per_example": per_example, "over_sft_step_per_example": per_example / (sft_step_seconds / batch), "steps": STAGE1.steps}
+    return {
+        "seconds_per_example": per_example,
+        "over_sft_step_per_example": per_example / (sft_step_seconds / batch),
+        "steps": STAGE1.steps,
+    }
 
 
 def generation(rounds: int, work: Path, new_tokens: int = 32, batch: int = 8) -> dict:
@@ -229,7 +254,13 @@ def generation(rounds: int, work: Path, new_tokens: int = 32, batch: int = 8) ->
     def run(model, routed: bool) -> float:
         start = time.perf_counter()
         with torch.no_grad(), route(model, queries) if routed else contextlib.nullcontext():
-            model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            model.generate(
+                **inputs,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
         return batch * new_tokens / (time.perf_counter() - start)
 
     paths = {"tki_routed": (tki, True), "lora": (lora, False), "exported_lora": (exported, False)}
@@ -266,10 +297,19 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
             f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
             f"{r['median_seconds']['sft']:.2f} | {passes['kr']:.2f}, {passes['tki']:.2f}, {passes['tki_mixed']:.2f} |"
         )
-    lines += ["", "Peak memory of three steps over SFT's (fresh process each; MB above the built trainer):", "",
-              "| micro-batch | " + " | ".join(CONFIGS) + " |", "|---|" + "---|" * len(CONFIGS)]
+    lines += [
+        "",
+        "Peak memory of three steps over SFT's (fresh process each; MB above the built trainer):",
+        "",
+        "| micro-batch | " + " | ".join(CONFIGS) + " |",
+        "|---|" + "---|" * len(CONFIGS),
+    ]
     for batch, values in memory_results.items():
-        lines.append(f"| {batch} | " + " | ".join(f"{v['steps_over_sft']:.2f} ({v['peak_mb'] - v['ready_mb']:.0f})" for v in values.values()) + " |")
+        lines.append(
+            f"| {batch} | "
+            + " | ".join(f"{v['steps_over_sft']:.2f} ({v['peak_mb'] - v['ready_mb']:.0f})" for v in values.values())
+            + " |"
+        )
     g = generate
     lines += [
         "",
@@ -278,7 +318,8 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
         "",
         f"Greedy generation, {g['batch']} prompts x {g['new_tokens']} new tokens: routed TKI / LoRA {g['routed_over_lora']:.3f}, "
         f"exported plain LoRA / LoRA {g['exported_over_lora']:.3f} (tokens/s: "
-        + ", ".join(f"{k} {v:.1f}" for k, v in g["tokens_per_second"].items()) + ").",
+        + ", ".join(f"{k} {v:.1f}" for k, v in g["tokens_per_second"].items())
+        + ").",
     ]
     return "\n".join(lines)
 
@@ -287,7 +328,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 4])
-    parser.add_argument("--memory_probe", nargs=4, metavar=("CONFIG", "BATCH", "POSITION", "WORK"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--memory_probe", nargs=4, metavar=("CONFIG", "BATCH", "POSITION", "WORK"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.memory_probe:
         name, batch, position, work = args.memory_probe
@@ -305,8 +348,18 @@ def main() -> None:
         stage1 = stage1_cost(dataset, steps[batch]["median_seconds"]["sft"], batch)
         generate = generation(args.rounds, work)
     payload = {
-        "training_steps": steps, "peak_memory": memory_results, "stage1": stage1, "generation": generate,
-        "config": {"rounds": args.rounds, "batches": args.batches, "batch_positions": positions, "tki": embedded_lora_config().to_dict(), "stage1": STAGE1.to_dict(), "max_length": 256},
+        "training_steps": steps,
+        "peak_memory": memory_results,
+        "stage1": stage1,
+        "generation": generate,
+        "config": {
+            "rounds": args.rounds,
+            "batches": args.batches,
+            "batch_positions": positions,
+            "tki": embedded_lora_config().to_dict(),
+            "stage1": STAGE1.to_dict(),
+            "max_length": 256,
+        },
     }
     text = table(steps, memory_results, stage1, generate, args.rounds)
     write_results("speed", payload, text)

@@ -21,7 +21,9 @@ from tki_trainer import embedded_lora_config, load_embedded_model, route
 def build(kind: str):
     model, _ = load_embedded_model()
     if kind == "lora":
-        return get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM"))
+        return get_peft_model(
+            model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_type="CAUSAL_LM")
+        )
     groups, per_group = {"tki_m32": (4, 8), "tki_m192": (16, 12)}[kind]
     return get_peft_model(model, embedded_lora_config(num_groups=groups, keys_per_group=per_group))
 
@@ -74,9 +76,16 @@ def main() -> None:
             *[f"| {kind} | {median[kind]:.3f} |" for kind in kinds],
         ]
     )
-    config = {"batch": args.batch, "tokens": args.tokens, "rounds": args.rounds, "lora": "r=8, alpha=16, all-linear",
-              "tki": embedded_lora_config().to_dict()}
-    write_results("tuner_speed", {"ratios": ratios, "median_seconds": median, "seconds": times, "config": config}, table)
+    config = {
+        "batch": args.batch,
+        "tokens": args.tokens,
+        "rounds": args.rounds,
+        "lora": "r=8, alpha=16, all-linear",
+        "tki": embedded_lora_config().to_dict(),
+    }
+    write_results(
+        "tuner_speed", {"ratios": ratios, "median_seconds": median, "seconds": times, "config": config}, table
+    )
     print(table)
 
 

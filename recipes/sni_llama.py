@@ -54,7 +54,8 @@ class RecipeArguments:
     )
     model_name_or_path: Optional[str] = field(default=None, metadata={"help": "'embedded', a local path or a Hub id."})
     train_data: Optional[str] = field(
-        default=None, metadata={"help": "A natural-instructions checkout, an SNI Hub dataset id, or P3 rows (.jsonl[.gz])."}
+        default=None,
+        metadata={"help": "A natural-instructions checkout, an SNI Hub dataset id, or P3 rows (.jsonl[.gz])."},
     )
     eval_data: Optional[str] = field(
         default=None,
@@ -71,10 +72,14 @@ class RecipeArguments:
     top_k: Optional[int] = field(default=None, metadata={"help": "k, latent tasks blended per example."})
     r: Optional[int] = field(default=None, metadata={"help": "Shared LoRA rank."})
     lora_alpha: Optional[int] = field(default=None, metadata={"help": "Shared LoRA alpha."})
-    lora_target: Optional[str] = field(default=None, metadata={"help": "Shared LoRA modules ('all-linear' or a comma list)."})
+    lora_target: Optional[str] = field(
+        default=None, metadata={"help": "Shared LoRA modules ('all-linear' or a comma list)."}
+    )
     latent_r: Optional[int] = field(default=None, metadata={"help": "Rank of each latent increment."})
     latent_alpha: Optional[float] = field(default=None, metadata={"help": "Latent bank alpha."})
-    latent_target_modules: Optional[str] = field(default=None, metadata={"help": "Comma list of modules holding the bank."})
+    latent_target_modules: Optional[str] = field(
+        default=None, metadata={"help": "Comma list of modules holding the bank."}
+    )
     eval_batch_size: int = field(default=8, metadata={"help": "Prompts generated together in evaluation."})
     evaluate_base_model: bool = field(
         default=True, metadata={"help": "Also answer the evaluation prompts with the base model (adapters off)."}
@@ -180,7 +185,10 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
         raise SystemExit("sni_llama.py: P3 training rows need --eval_data (a P3 held-out .jsonl.gz).")
     group = next(column for column in ("category", "cluster", "task") if column in evaluation.column_names)
     fitted = []
-    for name, rows, total in (("train", train, recipe.num_train_rows), ("evaluation", evaluation, recipe.num_eval_prompts)):
+    for name, rows, total in (
+        ("train", train, recipe.num_train_rows),
+        ("evaluation", evaluation, recipe.num_eval_prompts),
+    ):
         fit = fit_sni_prompts if "definition" in rows.column_names else fit_prompts
         rows, report = fit(as_conversational(rows), tokenizer, config.max_length)
         fitted.append(_per_group(rows, "task" if "task" in rows.column_names else "cluster", total, config.seed))

@@ -21,13 +21,18 @@ from tki_trainer import embedded_lora_config, export_lora, load_embedded_encoder
 EXAMPLES = [
     ("What is the capital of France?", "The capital of France is Paris."),
     ("Is this review positive or negative? 'A wonderful, moving film.'", "Positive."),
-    ("Summarize: The council voted to extend the library's opening hours to 9 pm on weekdays.", "The library will stay open until 9 pm on weekdays."),
+    (
+        "Summarize: The council voted to extend the library's opening hours to 9 pm on weekdays.",
+        "The library will stay open until 9 pm on weekdays.",
+    ),
     ("Add 2 and 3.", "2 + 3 = 5."),
 ]
 
 
 def chat(tokenizer, prompt: str) -> str:
-    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def main() -> None:
@@ -63,7 +68,7 @@ def main() -> None:
 
     inputs = tokenizer([chat(tokenizer, p) for p in prompts], return_tensors="pt", padding=True)
     generated = model.generate(**inputs, query_embeddings=queries, max_new_tokens=24, do_sample=False)
-    for prompt, ids in zip(prompts, generated[:, inputs["input_ids"].shape[1]:]):
+    for prompt, ids in zip(prompts, generated[:, inputs["input_ids"].shape[1] :]):
         print(f"> {prompt}\n  {tokenizer.decode(ids, skip_special_tokens=True)!r}")
 
     adapter_dir, plain_dir = output_dir / "adapter", output_dir / "plain_lora_query0"

@@ -32,7 +32,9 @@ def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
 
 def tki_config(**overrides) -> LatentLoraConfig:
     """Small bank (C=3, Q=4, k=2) on q/v, shared LoRA on all linear layers."""
-    values = dict(r=4, lora_alpha=8, latent_r=2, latent_alpha=4, num_groups=3, keys_per_group=4, top_k=2, key_dim=KEY_DIM)
+    values = dict(
+        r=4, lora_alpha=8, latent_r=2, latent_alpha=4, num_groups=3, keys_per_group=4, top_k=2, key_dim=KEY_DIM
+    )
     values.update(overrides)
     return LatentLoraConfig(**values)
 
@@ -69,7 +71,9 @@ def tiny_tokenizer():
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, special_tokens=["<pad>", "<s>", "</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=VOCAB_SIZE,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(corpus, trainer)
     return PreTrainedTokenizerFast(

@@ -14,7 +14,9 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
         Path(output_dir), "run", max_steps=2, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
         learning_rate=1e-3, train_sampling_strategy="sequential",
     )  # fmt: skip
-    args = TKIConfig(**settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad)
+    args = TKIConfig(
+        **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad
+    )
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config())  # fmt: skip
     trainer.train()

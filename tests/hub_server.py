@@ -71,7 +71,9 @@ class HubStore:
                     tree.pop(path, None)
                 else:
                     tree[path] = entry
-            commit = hashlib.sha1(json.dumps([parent and parent[0], summary, tree], sort_keys=True).encode()).hexdigest()
+            commit = hashlib.sha1(
+                json.dumps([parent and parent[0], summary, tree], sort_keys=True).encode()
+            ).hexdigest()
             (self._repo(repo_id) / "commits").mkdir(exist_ok=True)
             (self._repo(repo_id) / "commits" / f"{commit}.json").write_text(json.dumps(tree))
             refs[branch] = commit
@@ -103,7 +105,9 @@ class HubHandler(BaseHTTPRequestHandler):
         self.rfile.readline()
         return b"".join(chunks)
 
-    def _reply(self, status: int, payload: object = None, headers: dict[str, str] | None = None, raw: bytes | None = None) -> None:
+    def _reply(
+        self, status: int, payload: object = None, headers: dict[str, str] | None = None, raw: bytes | None = None
+    ) -> None:
         data = raw if raw is not None else json.dumps(payload if payload is not None else {}).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/octet-stream" if raw is not None else "application/json")
@@ -169,7 +173,9 @@ class HubHandler(BaseHTTPRequestHandler):
         repo_id = f"{body.get('organization') or USER}/{body['name']}"
         if self.store.exists(repo_id):
             message = "You already created this model repo"
-            return self._reply(409, {"error": message, "url": f"{self._endpoint()}/{repo_id}"}, {"X-Error-Message": message})
+            return self._reply(
+                409, {"error": message, "url": f"{self._endpoint()}/{repo_id}"}, {"X-Error-Message": message}
+            )
         self.store.create(repo_id)
         self._reply(200, {"url": f"{self._endpoint()}/{repo_id}", "name": repo_id})
 
@@ -185,7 +191,11 @@ class HubHandler(BaseHTTPRequestHandler):
         if not self._authorized():
             return
         files = [
-            {"path": f["path"], "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular", "shouldIgnore": False}
+            {
+                "path": f["path"],
+                "uploadMode": "lfs" if f["path"].endswith(LFS_SUFFIXES) else "regular",
+                "shouldIgnore": False,
+            }
             for f in body["files"]
         ]
         self._reply(200, {"files": files, "commitOid": None})
@@ -227,9 +237,20 @@ class HubHandler(BaseHTTPRequestHandler):
     def _model_info(self, repo_id: str, revision: str):
         found = self.store.resolve(repo_id, revision) if self.store.exists(repo_id) else None
         if found is None:
-            return self._error(404, "RepoNotFound" if not self.store.exists(repo_id) else "RevisionNotFound", "not found")
+            return self._error(
+                404, "RepoNotFound" if not self.store.exists(repo_id) else "RevisionNotFound", "not found"
+            )
         commit, tree = found
-        self._reply(200, {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False, "siblings": [{"rfilename": p} for p in sorted(tree)]})
+        self._reply(
+            200,
+            {
+                "id": repo_id,
+                "modelId": repo_id,
+                "sha": commit,
+                "private": False,
+                "siblings": [{"rfilename": p} for p in sorted(tree)],
+            },
+        )
 
     def _resolve(self, repo_id: str, revision: str, filename: str):
         if not self.store.exists(repo_id):
@@ -239,7 +260,11 @@ class HubHandler(BaseHTTPRequestHandler):
             return self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         commit, tree = found
         if filename not in tree:
-            return self._error(404, "EntryNotFound", f"{filename} does not exist at {revision}", )
+            return self._error(
+                404,
+                "EntryNotFound",
+                f"{filename} does not exist at {revision}",
+            )
         entry = tree[filename]
         data = self.store.blob(entry["oid"])
         headers = {"X-Repo-Commit": commit, "ETag": f'"{git_blob_id(data)}"'}

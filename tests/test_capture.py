@@ -21,7 +21,10 @@ def test_one_backward_gives_the_whole_batch_and_a_weighted_subset(adapter, queri
     if adapter == "tki":
         model, batch_queries = trained_like(get_peft_model(tiny_llama(), tki_config())), queries
     else:
-        model, batch_queries = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)), None
+        model, batch_queries = (
+            get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)),
+            None,
+        )
     parameters = [p for p in model.parameters() if p.requires_grad]
     ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(2))
     weights = torch.tensor([1.0, 0.0, 0.5])

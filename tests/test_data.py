@@ -32,7 +32,10 @@ def test_p3_rows_keep_prompt_and_completion_as_published():
     for row in rows:
         assert by_id[row["id"]]["prompt"] == row["prompt"]
         assert by_id[row["id"]]["completion"] == row["completion"]
-    assert load_p3(FIXTURES / "p3_sample.jsonl", clusters=["structure_to_text"])["id"] == ["bfe32b42cdd13a2e", "c3f764ba6f86b93c"]
+    assert load_p3(FIXTURES / "p3_sample.jsonl", clusters=["structure_to_text"])["id"] == [
+        "bfe32b42cdd13a2e",
+        "c3f764ba6f86b93c",
+    ]
     conversational = load_p3(FIXTURES / "p3_sample.jsonl", limit=2, seed=3, conversational=True)
     assert conversational[0]["prompt"] == [{"role": "user", "content": by_id[conversational[0]["id"]]["prompt"]}]
     assert conversational[0]["completion"][0]["role"] == "assistant"
@@ -44,8 +47,12 @@ def test_sni_prompt_is_definition_examples_then_instance():
     dataset = load_sni(FIXTURES / "sni", ["task900_capitals"], max_instances=3, num_positive=2, seed=0)
     assert len(dataset) == 3
     row = dataset[0]
-    country, capital = {"task900-0": ("Italy", "Rome"), "task900-1": ("Kenya", "Nairobi"),
-                        "task900-2": ("Chile", "Santiago"), "task900-3": ("Egypt", "Cairo")}[row["id"]]
+    country, capital = {
+        "task900-0": ("Italy", "Rome"),
+        "task900-1": ("Kenya", "Nairobi"),
+        "task900-2": ("Chile", "Santiago"),
+        "task900-3": ("Egypt", "Cairo"),
+    }[row["id"]]
     assert row["prompt"] == (
         "Definition: Given a country, answer with its capital city.\n\n"
         "Positive Example 1 -\nInput: France\nOutput: Paris\n\n"
@@ -94,9 +101,15 @@ def test_local_messages_are_split_at_the_last_assistant_turn(tmp_path):
 
 def trl_prepared(dataset, tokenizer, max_length=None):
     """What SFTTrainer itself makes of the rows: (input_ids, labels) per row."""
-    args = SFTConfig(output_dir="unused", bf16=False, use_cpu=True, max_length=max_length, report_to="none", dataset_num_proc=None)
+    args = SFTConfig(
+        output_dir="unused", bf16=False, use_cpu=True, max_length=max_length, report_to="none", dataset_num_proc=None
+    )
     trainer = SFTTrainer(model=tiny_llama(), args=args, train_dataset=dataset, processing_class=tokenizer)
-    return {row["id"]: row for row in trainer.train_dataset} if "id" in trainer.train_dataset.column_names else list(trainer.train_dataset)
+    return (
+        {row["id"]: row for row in trainer.train_dataset}
+        if "id" in trainer.train_dataset.column_names
+        else list(trainer.train_dataset)
+    )
 
 
 @pytest.mark.parametrize("conversational", [False, True])
@@ -156,7 +169,9 @@ def test_query_embeddings_are_cached_and_checked_against_key_dim(tmp_path):
             CountingEncoder.calls += 1
             return torch.nn.functional.normalize(torch.tensor([[len(t), 1.0, 2.0, 3.0] for t in texts]), dim=1)
 
-    dataset = Dataset.from_list([{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "bcd"}]}] * 2)
+    dataset = Dataset.from_list(
+        [{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "bcd"}]}] * 2
+    )
     first = add_query_embeddings(dataset, CountingEncoder(), cache_dir=tmp_path)
     again = add_query_embeddings(dataset, CountingEncoder(), cache_dir=tmp_path)
     assert CountingEncoder.calls == 1

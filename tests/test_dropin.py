@@ -13,7 +13,7 @@ from conftest import tiny_llama, tiny_tokenizer
 from tki_trainer.embedded import ENCODER_PACKAGE, _package_dir
 
 
-PROMPT_COMPLETION = '''
+PROMPT_COMPLETION = """
 from datasets import Dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -25,9 +25,9 @@ peft_config = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", task_t
 trainer = SFTTrainer(model=MODEL_PATH, args=training_args, train_dataset=dataset, peft_config=peft_config)
 trainer.train()
 trainer.save_model()
-'''
+"""
 
-MESSAGES_WITH_EVAL = '''
+MESSAGES_WITH_EVAL = """
 from datasets import load_dataset
 from peft import LoraConfig
 from trl import SFTConfig, SFTTrainer
@@ -45,7 +45,7 @@ trainer = SFTTrainer(
 )
 trainer.train()
 trainer.save_model()
-'''
+"""
 
 SCRIPTS = {"prompt_completion": PROMPT_COMPLETION, "messages_with_eval": MESSAGES_WITH_EVAL}
 
@@ -65,9 +65,11 @@ def messages(prompt, completion):
 
 def swapped(script: str) -> str:
     """The script with the two names changed, and nothing else."""
-    return script.replace("from trl import SFTConfig, SFTTrainer", "from tki_trainer import TKIConfig, TKITrainer").replace(
-        "SFTConfig", "TKIConfig"
-    ).replace("SFTTrainer", "TKITrainer")
+    return (
+        script.replace("from trl import SFTConfig, SFTTrainer", "from tki_trainer import TKIConfig, TKITrainer")
+        .replace("SFTConfig", "TKIConfig")
+        .replace("SFTTrainer", "TKITrainer")
+    )
 
 
 @pytest.fixture

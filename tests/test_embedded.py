@@ -35,7 +35,10 @@ def test_embedded_model_converts_trains_and_round_trips_an_adapter(tmp_path, mon
 
     prompts = ["What is the capital of France?", "Add 2 and 3."]
     queries = load_embedded_encoder().encode(prompts, convert_to_tensor=True)
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True) for p in prompts]
+    texts = [
+        tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        for p in prompts
+    ]
     tokenizer.padding_side = "left"
     batch = tokenizer(texts, return_tensors="pt", padding=True)
 

@@ -14,7 +14,12 @@ from tki_trainer.evaluation.comparison import paired_bootstrap
 
 
 PREDICTIONS = ["The cat sat on the mat.", "paris", "A skier skis down the mountains", "no idea"]
-REFERENCES = [["A cat was sitting on the mat."], ["Paris", "City of Paris"], ["Skier skis down the mountain", "A skier is skiing."], ["yes"]]
+REFERENCES = [
+    ["A cat was sitting on the mat."],
+    ["Paris", "City of Paris"],
+    ["Skier skis down the mountain", "A skier is skiing."],
+    ["yes"],
+]
 
 
 def test_metrics_equal_rouge_score_and_sacrebleu_computed_directly():
@@ -31,7 +36,9 @@ def test_metrics_equal_rouge_score_and_sacrebleu_computed_directly():
 def test_per_example_scores_are_each_examples_best_reference_and_average_to_the_corpus_score():
     rows = score_examples(PREDICTIONS, REFERENCES)
     scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
-    assert rows["rougeL"] == pytest.approx([100 * max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)])
+    assert rows["rougeL"] == pytest.approx(
+        [100 * max(scorer.score(r, p)["rougeL"].fmeasure for r in refs) for p, refs in zip(PREDICTIONS, REFERENCES)]
+    )
     assert rows["exact_match"] == [0.0, 100.0, 0.0, 0.0]
     corpus = score(PREDICTIONS, REFERENCES)
     assert all(sum(rows[key]) / len(PREDICTIONS) == pytest.approx(corpus[key]) for key in rows)
@@ -56,19 +63,32 @@ def test_breakdown_scores_each_group_and_all():
 def test_answer_budgets_follow_the_longest_reference():
     tokenizer = tiny_tokenizer()
     budgets = answer_budgets(tokenizer, [["land"], ["The island is an island of land."]], ["a", "b"])
-    assert budgets["a"] < budgets["b"] and budgets["b"] == int(len(tokenizer("The island is an island of land.", add_special_tokens=False)["input_ids"]) * 1.25) + 8
+    assert (
+        budgets["a"] < budgets["b"]
+        and budgets["b"]
+        == int(len(tokenizer("The island is an island of land.", add_special_tokens=False)["input_ids"]) * 1.25) + 8
+    )
 
 
 def test_routed_generation_keeps_dataset_order_and_matches_row_by_row():
     model = trained_like(get_peft_model(tiny_llama(), tki_config()))
     generator = torch.Generator().manual_seed(0)
     dataset = Dataset.from_list(
-        [{"prompt": p, "task": t, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
-         for p, t in [("Paris is", "b"), ("The is", "a"), ("Answer:", "a")]]
+        [
+            {"prompt": p, "task": t, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
+            for p, t in [("Paris is", "b"), ("The is", "a"), ("Answer:", "a")]
+        ]
     )
     tokenizer = tiny_tokenizer()
-    together = generate_answers(model, tokenizer, dataset, max_new_tokens={"a": 3, "b": 5}, group_column="task", batch_size=3)
-    alone = [generate_answers(model, tokenizer, dataset.select([i]), max_new_tokens={"a": 3, "b": 5}, group_column="task")[0] for i in range(3)]
+    together = generate_answers(
+        model, tokenizer, dataset, max_new_tokens={"a": 3, "b": 5}, group_column="task", batch_size=3
+    )
+    alone = [
+        generate_answers(model, tokenizer, dataset.select([i]), max_new_tokens={"a": 3, "b": 5}, group_column="task")[
+            0
+        ]
+        for i in range(3)
+    ]
     assert together == alone and all(isinstance(answer, str) for answer in together)
     with pytest.raises(ValueError, match="no 'query_embedding' column"):
         generate_answers(model, tokenizer, dataset.remove_columns("query_embedding"))
@@ -79,14 +99,39 @@ def test_callback_logs_generation_scores_at_each_evaluation(tmp_path):
     from tki_trainer.evaluation import GenerationEvaluationCallback
 
     generator = torch.Generator().manual_seed(0)
-    rows = [{"id": f"r{i}", "prompt": p, "completion": c, "task": t, "references": [c.strip()],
-             "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
-            for i, (p, c, t) in enumerate([("Paris is", " the capital.", "a"), ("The island is", " land.", "b")] * 2)]
+    rows = [
+        {
+            "id": f"r{i}",
+            "prompt": p,
+            "completion": c,
+            "task": t,
+            "references": [c.strip()],
+            "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist(),
+        }
+        for i, (p, c, t) in enumerate([("Paris is", " the capital.", "a"), ("The island is", " land.", "b")] * 2)
+    ]
     dataset = Dataset.from_list(rows)
-    args = TKIConfig(output_dir=str(tmp_path), max_steps=1, eval_strategy="steps", eval_steps=1, report_to="none",
-                     use_cpu=True, bf16=False, kr=False, dataset_num_proc=None, save_strategy="no", activation_checkpointing=False)
-    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=dataset, eval_dataset=dataset,
-                         processing_class=tiny_tokenizer(), peft_config=tki_config())
+    args = TKIConfig(
+        output_dir=str(tmp_path),
+        max_steps=1,
+        eval_strategy="steps",
+        eval_steps=1,
+        report_to="none",
+        use_cpu=True,
+        bf16=False,
+        kr=False,
+        dataset_num_proc=None,
+        save_strategy="no",
+        activation_checkpointing=False,
+    )
+    trainer = TKITrainer(
+        tiny_llama(),
+        args=args,
+        train_dataset=dataset,
+        eval_dataset=dataset,
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
     trainer.add_callback(GenerationEvaluationCallback(trainer, dataset, group_column="task", batch_size=2))
     trainer.train()
     logged = next(entry for entry in trainer.state.log_history if "eval_generation_rougeL" in entry)
@@ -111,7 +156,10 @@ def test_generation_with_a_tokenizer_without_a_pad_token_gives_the_same_answers(
     model = trained_like(get_peft_model(tiny_llama(), tki_config()))
     generator = torch.Generator().manual_seed(0)
     dataset = Dataset.from_list(
-        [{"prompt": p, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()} for p in ("Paris is", "The is")]
+        [
+            {"prompt": p, "query_embedding": torch.randn(KEY_DIM, generator=generator).tolist()}
+            for p in ("Paris is", "The is")
+        ]
     )
     with_pad = generate_answers(model, tiny_tokenizer(), dataset, max_new_tokens=3, batch_size=2)
     tokenizer = tiny_tokenizer()

@@ -19,11 +19,15 @@ def gpu_args(tmp_path, name, **overrides):
     return TKIConfig(**values)
 
 
-@pytest.mark.parametrize("lta,kr,pcgrad", [(True, True, True), (True, False, False), (True, True, False), (False, True, True)])
+@pytest.mark.parametrize(
+    "lta,kr,pcgrad", [(True, True, True), (True, False, False), (True, True, False), (False, True, True)]
+)
 def test_bf16_training_steps_on_one_gpu(tmp_path, lta, kr, pcgrad):
     from peft import LoraConfig
 
-    peft_config = tki_config() if lta else LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_config = (
+        tki_config() if lta else LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM")
+    )
     trainer = TKITrainer(tiny_llama(), args=gpu_args(tmp_path, "run", lta=lta, kr=kr, pcgrad=pcgrad,
                          prior_inputs_steps=2, prior_inputs_learning_rate=1e-2),
                          train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=peft_config)  # fmt: skip

@@ -27,8 +27,13 @@ TOKEN = "hf_" + "q7ZtokenNeverWritten" * 2
 
 
 def test_model_card_renders_real_values_and_parses():
-    config = tki_config(base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct", encoder_name="sentence-transformers/all-MiniLM-L6-v2")
-    text = render_model_card(config, repo_id="user/tki-smol", training_data="192 P3 rows.", evaluation="| all | 30.1 |")
+    config = tki_config(
+        base_model_name_or_path="HuggingFaceTB/SmolLM2-135M-Instruct",
+        encoder_name="sentence-transformers/all-MiniLM-L6-v2",
+    )
+    text = render_model_card(
+        config, repo_id="user/tki-smol", training_data="192 P3 rows.", evaluation="| all | 30.1 |"
+    )
     assert not re.search(r"\{[a-z_]+\}", text)
     card = ModelCard(text)
     assert card.data.base_model == "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -49,19 +54,41 @@ def hub(tmp_path, monkeypatch):
 def trained(tmp_path) -> TKITrainer:
     """Two steps of LTA training with one evaluation, so the card has a run's numbers to show."""
     args = TKIConfig(**common(tmp_path, "run", max_steps=2, eval_strategy="steps", eval_steps=2), kr=False)
-    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), eval_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer = TKITrainer(
+        tiny_llama(),
+        args=args,
+        train_dataset=rows(),
+        eval_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
     trainer.train()
     return trainer
 
 
-def load_in_fresh_process(hub: LocalHub, tmp_path: Path, repo_id: str, revision: str, offline: bool = False, push_back: bool = False) -> torch.Tensor:
+def load_in_fresh_process(
+    hub: LocalHub, tmp_path: Path, repo_id: str, revision: str, offline: bool = False, push_back: bool = False
+) -> torch.Tensor:
     """Routed logits of the adapter loaded by repo id in a new process; ``push_back``: then PEFT's own push_to_hub."""
     env = {
-        **os.environ, "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1" if offline else "0",
-        "PYTHONPATH": str(TESTS), "HF_HUB_VERBOSITY": "debug", "HF_HUB_DISABLE_XET": "1", **({"HF_TOKEN": TOKEN} if push_back else {}),
+        **os.environ,
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_HUB_OFFLINE": "1" if offline else "0",
+        "PYTHONPATH": str(TESTS),
+        "HF_HUB_VERBOSITY": "debug",
+        "HF_HUB_DISABLE_XET": "1",
+        **({"HF_TOKEN": TOKEN} if push_back else {}),
     }
     output = tmp_path / f"logits-{revision}-{offline}-{push_back}.safetensors"
-    command = [sys.executable, str(TESTS / "hub_load.py"), repo_id, revision, str(output), *(["--push-back"] if push_back else [])]
+    command = [
+        sys.executable,
+        str(TESTS / "hub_load.py"),
+        repo_id,
+        revision,
+        str(output),
+        *(["--push-back"] if push_back else []),
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert TOKEN not in result.stdout + result.stderr
@@ -85,8 +112,16 @@ def test_push_then_load_by_repo_id_at_head_at_a_pinned_revision_and_offline(tmp_
     first = trainer.push_to_hub(token=TOKEN, plain_lora_query=query)
 
     uploaded = repo_files(hub, "user/run")
-    assert {"adapter_config.json", "adapter_model.safetensors", "README.md", "tokenizer.json", "plain_lora/adapter_config.json"} <= uploaded
-    assert not [name for name in uploaded if name.endswith((".bin", ".pt", ".pth")) or name.startswith(("_", "checkpoint-"))]
+    assert {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "tokenizer.json",
+        "plain_lora/adapter_config.json",
+    } <= uploaded
+    assert not [
+        name for name in uploaded if name.endswith((".bin", ".pt", ".pth")) or name.startswith(("_", "checkpoint-"))
+    ]
     assert (tmp_path / "run" / "training_args.bin").is_file()
     card_text = hub.store.blob(hub.store.resolve("user/run", "main")[1]["README.md"]["oid"]).decode()
     card = ModelCard(card_text)
@@ -108,7 +143,9 @@ def test_push_then_load_by_repo_id_at_head_at_a_pinned_revision_and_offline(tmp_
     assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", "-"), second_logits, atol=1e-6)
     assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", first.oid), first_logits, atol=1e-6)
     served = len(hub.requests)
-    assert torch.allclose(load_in_fresh_process(hub, tmp_path, "user/run", first.oid, offline=True), first_logits, atol=1e-6)
+    assert torch.allclose(
+        load_in_fresh_process(hub, tmp_path, "user/run", first.oid, offline=True), first_logits, atol=1e-6
+    )
     assert len(hub.requests) == served, "the offline load reached the endpoint"
     assert not torch.allclose(first_logits, second_logits)
 
@@ -149,4 +186,6 @@ def test_the_prior_input_store_is_uploaded_only_when_asked(tmp_path, hub):
 
 def test_pushes_during_training_are_refused(tmp_path):
     with pytest.raises(ValueError, match="hub_strategy='end'"):
-        TKIConfig(**common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run")
+        TKIConfig(
+            **common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run"
+        )

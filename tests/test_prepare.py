@@ -15,8 +15,20 @@ FIXTURES = Path(__file__).parent / "fixtures"
 def test_prepare_writes_dataset_and_store_and_resumes(tmp_path):
     tiny_llama().save_pretrained(tmp_path / "model")
     tiny_tokenizer().save_pretrained(tmp_path / "model")
-    argv = ["--data", str(FIXTURES / "p3_sample.jsonl"), "--output_dir", str(tmp_path / "out"), "--model", str(tmp_path / "model"),
-            "--max_length", "64", "--prior_inputs_steps", "2", "--prior_inputs_batch_size", "2"]
+    argv = [
+        "--data",
+        str(FIXTURES / "p3_sample.jsonl"),
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--model",
+        str(tmp_path / "model"),
+        "--max_length",
+        "64",
+        "--prior_inputs_steps",
+        "2",
+        "--prior_inputs_batch_size",
+        "2",
+    ]
     main(argv)
     dataset = load_from_disk(str(tmp_path / "out" / "dataset"))
     assert len(dataset) == 5 and len(dataset[0]["query_embedding"]) == 384

@@ -26,10 +26,34 @@ def tiny_model_dir(tmp_path):
 
 def tiny_argv(tmp_path):
     return [
-        "--model_name_or_path", tiny_model_dir(tmp_path), "--train_data", str(FIXTURES / "p3_sample.jsonl"),
-        "--eval_data", str(FIXTURES / "p3_sample.jsonl"), "--num_eval_prompts", "2", "--output_dir", str(tmp_path / "out"),
-        "--max_steps", "2", "--max_length", "96", "--num_groups", "2", "--keys_per_group", "3", "--r", "4",
-        "--prior_inputs_steps", "1", "--per_device_train_batch_size", "2", "--dataset_num_proc", "1", "--report_to", "none",
+        "--model_name_or_path",
+        tiny_model_dir(tmp_path),
+        "--train_data",
+        str(FIXTURES / "p3_sample.jsonl"),
+        "--eval_data",
+        str(FIXTURES / "p3_sample.jsonl"),
+        "--num_eval_prompts",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--max_steps",
+        "2",
+        "--max_length",
+        "96",
+        "--num_groups",
+        "2",
+        "--keys_per_group",
+        "3",
+        "--r",
+        "4",
+        "--prior_inputs_steps",
+        "1",
+        "--per_device_train_batch_size",
+        "2",
+        "--dataset_num_proc",
+        "1",
+        "--report_to",
+        "none",
     ]
 
 
@@ -48,7 +72,10 @@ def test_recipe_runs_end_to_end_and_resumes(tmp_path):
     resolved = json.loads((out / "resolved_config.json").read_text())
     assert resolved["max_steps"]["origin"] == "user" and resolved["latent_alpha"]["origin"] == "ours"
 
-    stamps = {p: p.stat().st_mtime_ns for p in [out / "_tki_cache" / "prior_inputs" / "store.json", out / "predictions.jsonl"]}
+    stamps = {
+        p: p.stat().st_mtime_ns
+        for p in [out / "_tki_cache" / "prior_inputs" / "store.json", out / "predictions.jsonl"]
+    }
     again = sni_llama.main(tiny_argv(tmp_path))
     assert again == metrics
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
@@ -58,11 +85,21 @@ def test_paper_preset_holds_the_papers_values_and_marks_ours():
     _, config, resolved = sni_llama.parse(["--preset", "paper", "--train_data", "org/sni", "--use_cpu", "true"])
     paper = {key: entry["value"] for key, entry in resolved.items() if entry["origin"] == "paper"}
     assert paper == {
-        "model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct", "query_encoder": "FacebookAI/roberta-base",
-        "num_groups": 16, "keys_per_group": 12, "top_k": 2, "r": 8, "lora_target": "all-linear",
-        "max_instances_per_task": 100, "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
-        "learning_rate": 1e-5, "num_train_epochs": 3, "reinstatement_alpha": 1.0,
-        "prior_inputs_steps": 3, "prior_inputs_learning_rate": 5e-6,
+        "model_name_or_path": "meta-llama/Llama-3.1-8B-Instruct",
+        "query_encoder": "FacebookAI/roberta-base",
+        "num_groups": 16,
+        "keys_per_group": 12,
+        "top_k": 2,
+        "r": 8,
+        "lora_target": "all-linear",
+        "max_instances_per_task": 100,
+        "per_device_train_batch_size": 1,
+        "gradient_accumulation_steps": 4,
+        "learning_rate": 1e-5,
+        "num_train_epochs": 3,
+        "reinstatement_alpha": 1.0,
+        "prior_inputs_steps": 3,
+        "prior_inputs_learning_rate": 5e-6,
     }
     ours = {key for key, entry in resolved.items() if entry["origin"] == "ours"}
     assert {"lora_alpha", "latent_r", "latent_target_modules", "max_length", "num_validation_tasks"} <= ours
@@ -101,8 +138,17 @@ def test_recipe_runs_under_two_process_data_parallel(tmp_path):
     import subprocess
 
     argv = tiny_argv(tmp_path)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
-               "--main_process_port", "29541", str(ROOT / "recipes" / "sni_llama.py"), *argv]
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "recipes" / "accelerate" / "ddp.yaml"),
+        "--main_process_port",
+        "29541",
+        str(ROOT / "recipes" / "sni_llama.py"),
+        *argv,
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-4000:]
     out = tmp_path / "out"
@@ -112,7 +158,17 @@ def test_recipe_runs_under_two_process_data_parallel(tmp_path):
 
 
 def test_the_recipe_trains_its_own_baseline_plain_lora_sft(tmp_path):
-    argv = [*tiny_argv(tmp_path), "--lta", "false", "--kr", "false", "--pcgrad", "false", "--evaluate_base_model", "false"]
+    argv = [
+        *tiny_argv(tmp_path),
+        "--lta",
+        "false",
+        "--kr",
+        "false",
+        "--pcgrad",
+        "false",
+        "--evaluate_base_model",
+        "false",
+    ]
     metrics = sni_llama.main(argv)
     config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
     assert (config["peft_type"], config["r"]) == ("LORA", 4)

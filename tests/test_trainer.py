@@ -36,8 +36,17 @@ def shared_lora():
 
 def common(tmp_path, name, **overrides):
     values = dict(
-        output_dir=str(tmp_path / name), max_steps=3, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
-        report_to="none", bf16=False, use_cpu=True, seed=0, dataset_num_proc=None, save_strategy="no",
+        output_dir=str(tmp_path / name),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        report_to="none",
+        bf16=False,
+        use_cpu=True,
+        seed=0,
+        dataset_num_proc=None,
+        save_strategy="no",
         activation_checkpointing=False,
     )
     values.update(overrides)
@@ -49,11 +58,21 @@ def losses(trainer):
 
 
 def test_with_every_switch_off_it_trains_exactly_like_sft_trainer(tmp_path):
-    sft = SFTTrainer(tiny_llama(), args=SFTConfig(**common(tmp_path, "sft")), train_dataset=rows(False),
-                     processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    sft = SFTTrainer(
+        tiny_llama(),
+        args=SFTConfig(**common(tmp_path, "sft")),
+        train_dataset=rows(False),
+        processing_class=tiny_tokenizer(),
+        peft_config=shared_lora(),
+    )
     sft.train()
-    tki = TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "tki"), lta=False, kr=False, pcgrad=False),
-                     train_dataset=rows(False), processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    tki = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**common(tmp_path, "tki"), lta=False, kr=False, pcgrad=False),
+        train_dataset=rows(False),
+        processing_class=tiny_tokenizer(),
+        peft_config=shared_lora(),
+    )
     tki.train()
     assert len(losses(sft)) == 3
     assert losses(tki) == pytest.approx(losses(sft), rel=1e-6)
@@ -63,12 +82,26 @@ def test_with_every_switch_off_it_trains_exactly_like_sft_trainer(tmp_path):
 def test_a_silent_bank_leaves_tkis_sft_term_equal_to_sft_trainer(tmp_path, checkpointing):
     """lta=True, latent_alpha=0: every batch is routed through the bank, which adds nothing."""
     settings = common(tmp_path, "x", activation_checkpointing=checkpointing)
-    sft = SFTTrainer(tiny_llama(), args=SFTConfig(**{**settings, "output_dir": str(tmp_path / "sft")}),
-                     train_dataset=rows(False), processing_class=tiny_tokenizer(), peft_config=shared_lora())
-    tki = TKITrainer(tiny_llama(), args=TKIConfig(**{**settings, "output_dir": str(tmp_path / "tki")}, kr=False),
-                     train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config(latent_alpha=0))
+    sft = SFTTrainer(
+        tiny_llama(),
+        args=SFTConfig(**{**settings, "output_dir": str(tmp_path / "sft")}),
+        train_dataset=rows(False),
+        processing_class=tiny_tokenizer(),
+        peft_config=shared_lora(),
+    )
+    tki = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**{**settings, "output_dir": str(tmp_path / "tki")}, kr=False),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(latent_alpha=0),
+    )
     with torch.no_grad():
-        shared = {n.replace("lora_", "tki_lora_").replace(".default", ""): p for n, p in sft.model.named_parameters() if "lora_" in n}
+        shared = {
+            n.replace("lora_", "tki_lora_").replace(".default", ""): p
+            for n, p in sft.model.named_parameters()
+            if "lora_" in n
+        }
         for name, parameter in tki.model.named_parameters():
             key = name.replace(".default", "")
             if key in shared:
@@ -90,12 +123,19 @@ def kr_trainer(tmp_path, name, store_dir=None, adapter="tki", **overrides):
     """A KR trainer; a given store was written with learning rate 0 (q = e) or then overwritten, as said."""
     stage1 = {"prior_inputs_learning_rate": 0.0} if store_dir else {}
     settings = {**common(tmp_path, name), **stage1, **overrides}
-    return TKITrainer(tiny_llama(), args=TKIConfig(**settings, prior_inputs_dir=store_dir, lta=adapter == "tki"),
-                      train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=ADAPTERS[adapter]())
+    return TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**settings, prior_inputs_dir=store_dir, lta=adapter == "tki"),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=ADAPTERS[adapter](),
+    )
 
 
 def test_prior_inputs_equal_to_the_prompt_make_reinstatement_equal_sft(tmp_path):
-    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    store = compute_prior_inputs(
+        tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0)
+    )
     trainer = kr_trainer(tmp_path, "kr", store_dir=str(store.path))
     trainer.train()
     for entry in (e for e in trainer.state.log_history if "loss_sft" in e):
@@ -105,8 +145,16 @@ def test_prior_inputs_equal_to_the_prompt_make_reinstatement_equal_sft(tmp_path)
 
 
 def adapter_after_one_step(tmp_path, name, store_dir, batch, accumulation, adapter="tki"):
-    trainer = kr_trainer(tmp_path, name, store_dir=store_dir, adapter=adapter, max_steps=1, per_device_train_batch_size=batch,
-                         gradient_accumulation_steps=accumulation, learning_rate=1e-3)
+    trainer = kr_trainer(
+        tmp_path,
+        name,
+        store_dir=store_dir,
+        adapter=adapter,
+        max_steps=1,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=1e-3,
+    )
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
     trainer.train()
     after = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
@@ -115,10 +163,15 @@ def adapter_after_one_step(tmp_path, name, store_dir, batch, accumulation, adapt
 
 def noisy_store(tmp_path, scale):
     """Prior inputs ``q = e + noise``: harder than the prompt for most rows, so both objectives have gradients."""
-    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    store = compute_prior_inputs(
+        tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0)
+    )
     generator = torch.Generator().manual_seed(0)
     deltas = {i: torch.randn(store.load_delta(i).shape, generator=generator) * scale for i in store.examples}
-    entries = {i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")} for i, e in store.examples.items()}
+    entries = {
+        i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")}
+        for i, e in store.examples.items()
+    }
     store.write_shard("999-00000", deltas, entries)
     return store
 
@@ -129,8 +182,12 @@ def test_pcgrad_update_is_the_same_for_accumulation_and_one_large_batch(tmp_path
     takes two backward passes where the per-example capture covers every trainable parameter (checked here against
     the micro-batch route), three where it cannot (DoRA's magnitudes)."""
     store = noisy_store(tmp_path, scale=0.5)
-    before, accumulated, trainer = adapter_after_one_step(tmp_path, "ga", str(store.path), batch=1, accumulation=4, adapter=adapter)
-    _, large, large_trainer = adapter_after_one_step(tmp_path, "large", str(store.path), batch=4, accumulation=1, adapter=adapter)
+    before, accumulated, trainer = adapter_after_one_step(
+        tmp_path, "ga", str(store.path), batch=1, accumulation=4, adapter=adapter
+    )
+    _, large, large_trainer = adapter_after_one_step(
+        tmp_path, "large", str(store.path), batch=4, accumulation=1, adapter=adapter
+    )
     assert any(not torch.equal(before[n], large[n]) for n in large)
     for name in large:
         torch.testing.assert_close(accumulated[name], large[name], atol=1e-6, rtol=1e-5)
@@ -148,14 +205,23 @@ def test_pcgrad_update_is_the_same_for_accumulation_and_one_large_batch(tmp_path
         ({}, Dataset.from_list([{"id": "a", "text": "The island is land."}]), "set kr=False"),
         ({}, rows().map(lambda row: {"prompt": ""}), "empty prompt"),
         ({}, rows().map(lambda row, i: {"id": "same"}, with_indices=True), "duplicates"),
-        (dict(kr=False), Dataset.from_list([{"id": "a", "content": "The island is land."}]), "'prompt', 'messages' or 'text'"),
+        (
+            dict(kr=False),
+            Dataset.from_list([{"id": "a", "content": "The island is land."}]),
+            "'prompt', 'messages' or 'text'",
+        ),
     ],
 )
 def test_bad_input_is_refused_at_construction(tmp_path, overrides, data, message):
     args = TKIConfig(**{**common(tmp_path, "bad"), **overrides})
     with pytest.raises(ValueError, match=message):
-        TKITrainer(tiny_llama(), args=args, train_dataset=data if data is not None else rows(),
-                   processing_class=tiny_tokenizer(), peft_config=tki_config())
+        TKITrainer(
+            tiny_llama(),
+            args=args,
+            train_dataset=data if data is not None else rows(),
+            processing_class=tiny_tokenizer(),
+            peft_config=tki_config(),
+        )
 
 
 @pytest.mark.parametrize(
@@ -175,22 +241,39 @@ def test_configurations_tki_cannot_honour_are_refused_by_the_config(tmp_path, ov
 
 
 def test_a_lora_config_with_lta_becomes_the_tki_adapter_and_fields_it_cannot_carry_are_refused(tmp_path):
-    trainer = TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "lora"), kr=False), train_dataset=rows(),
-                         processing_class=tiny_tokenizer(), peft_config=shared_lora())
+    trainer = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**common(tmp_path, "lora"), kr=False),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=shared_lora(),
+    )
     config = trainer.model.peft_config["default"]
     assert (config.peft_type, config.r, config.lora_alpha) == ("TKI", 4, 8)
     assert len(config.target_modules) == 14  # all-linear: 7 linear layers in each of 2 blocks
     assert (config.num_groups, config.keys_per_group, config.key_dim) == (16, 12, KEY_DIM)
     with pytest.raises(ValueError, match="use_dora"):
-        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "dora"), kr=False), train_dataset=rows(),
-                   processing_class=tiny_tokenizer(), peft_config=ADAPTERS["dora"]())
+        TKITrainer(
+            tiny_llama(),
+            args=TKIConfig(**common(tmp_path, "dora"), kr=False),
+            train_dataset=rows(),
+            processing_class=tiny_tokenizer(),
+            peft_config=ADAPTERS["dora"](),
+        )
     with pytest.raises(ValueError, match="key_dim=32"):
-        TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "bad")), train_dataset=rows(),
-                   processing_class=tiny_tokenizer(), peft_config=tki_config(key_dim=32))
+        TKITrainer(
+            tiny_llama(),
+            args=TKIConfig(**common(tmp_path, "bad")),
+            train_dataset=rows(),
+            processing_class=tiny_tokenizer(),
+            peft_config=tki_config(key_dim=32),
+        )
 
 
 def test_a_foreign_prior_input_store_is_refused(tmp_path):
-    store = compute_prior_inputs(tiny_llama(seed=9), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(steps=1))
+    store = compute_prior_inputs(
+        tiny_llama(seed=9), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(steps=1)
+    )
     with pytest.raises(ValueError, match="input-embedding weights differ"):
         kr_trainer(tmp_path, "foreign", store_dir=str(store.path))
 
@@ -199,8 +282,17 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
     store = noisy_store(tmp_path, scale=0.5)
 
     def trainer(name):
-        return kr_trainer(tmp_path, name, store_dir=str(store.path), max_steps=4, save_strategy="steps", save_steps=2,
-                          per_device_train_batch_size=2, gradient_accumulation_steps=2, learning_rate=1e-3)
+        return kr_trainer(
+            tmp_path,
+            name,
+            store_dir=str(store.path),
+            max_steps=4,
+            save_strategy="steps",
+            save_steps=2,
+            per_device_train_batch_size=2,
+            gradient_accumulation_steps=2,
+            learning_rate=1e-3,
+        )
 
     straight = trainer("run")
     straight.train()
@@ -219,7 +311,9 @@ def test_resuming_from_a_checkpoint_reproduces_the_uninterrupted_run(tmp_path):
 def test_drop_in_path_computes_queries_and_prior_inputs_and_uses_the_papers_bank(tmp_path):
     """No peft_config, no query_embedding column, no prior-input store: the trainer builds all three."""
     args = TKIConfig(**common(tmp_path, "dropin", max_steps=1), query_encoder="embedded", prior_inputs_steps=1)
-    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(with_queries=False), processing_class=tiny_tokenizer())
+    trainer = TKITrainer(
+        tiny_llama(), args=args, train_dataset=rows(with_queries=False), processing_class=tiny_tokenizer()
+    )
     config = trainer.model.peft_config["default"]
     assert (config.num_groups, config.keys_per_group, config.top_k, config.r, config.key_dim) == (16, 12, 2, 8, 384)
     cache = tmp_path / "dropin" / "_tki_cache"
@@ -229,9 +323,15 @@ def test_drop_in_path_computes_queries_and_prior_inputs_and_uses_the_papers_bank
 
 
 def test_on_the_fly_prior_inputs_train_without_a_store(tmp_path):
-    args = TKIConfig(**common(tmp_path, "fly", max_steps=2), prior_inputs_mode="on_the_fly", prior_inputs_steps=2,
-                     prior_inputs_learning_rate=5e-2)
-    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config())
+    args = TKIConfig(
+        **common(tmp_path, "fly", max_steps=2),
+        prior_inputs_mode="on_the_fly",
+        prior_inputs_steps=2,
+        prior_inputs_learning_rate=5e-2,
+    )
+    trainer = TKITrainer(
+        tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config()
+    )
     trainer.train()
     assert not (tmp_path / "fly" / "_tki_cache" / "prior_inputs").exists()
     logs = [e for e in trainer.state.log_history if "loss_sft" in e]
@@ -240,17 +340,33 @@ def test_on_the_fly_prior_inputs_train_without_a_store(tmp_path):
 
 def test_evaluation_routes_each_example_as_in_training(tmp_path):
     args = TKIConfig(**common(tmp_path, "eval", max_steps=1, per_device_eval_batch_size=8), kr=False)
-    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), eval_dataset=rows(),
-                         processing_class=tiny_tokenizer(), peft_config=tki_config())
+    trainer = TKITrainer(
+        tiny_llama(),
+        args=args,
+        train_dataset=rows(),
+        eval_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
     trainer.train()
     metrics = trainer.evaluate()
     batch = next(iter(trainer.get_eval_dataloader()))
     with torch.no_grad():
-        expected = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                                 query_embeddings=batch["query_embeddings"], group_ids=batch["group_ids"]).loss
+        expected = trainer.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            query_embeddings=batch["query_embeddings"],
+            group_ids=batch["group_ids"],
+        ).loss
         unrouted_groups = (batch["group_ids"] + 1) % 3
-        other = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
-                              query_embeddings=batch["query_embeddings"], group_ids=unrouted_groups).loss
+        other = trainer.model(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            labels=batch["labels"],
+            query_embeddings=batch["query_embeddings"],
+            group_ids=unrouted_groups,
+        ).loss
     assert metrics["eval_loss"] == pytest.approx(float(expected), rel=1e-5)
     assert float(other) != pytest.approx(float(expected), rel=1e-6)
     assert "eval_latent_usage_entropy" in metrics
@@ -260,7 +376,18 @@ def test_tki_config_parses_from_the_command_line_like_sft_config():
     from trl import TrlParser
 
     (args,) = TrlParser((TKIConfig,)).parse_args_and_config(
-        ["--output_dir", "x", "--use_cpu", "true", "--kr", "false", "--reinstatement_alpha", "0.5", "--query_encoder", "embedded"]
+        [
+            "--output_dir",
+            "x",
+            "--use_cpu",
+            "true",
+            "--kr",
+            "false",
+            "--reinstatement_alpha",
+            "0.5",
+            "--query_encoder",
+            "embedded",
+        ]
     )
     assert (args.kr, args.lta, args.reinstatement_alpha, args.query_encoder) == (False, True, 0.5, "embedded")
 
@@ -272,8 +399,12 @@ def test_a_trainable_head_read_by_the_fused_lm_head_falls_back_to_the_third_back
     ADAPTERS["head"] = lambda: LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", task_type="CAUSAL_LM",
                                           modules_to_save=["lm_head"])  # fmt: skip
     try:
-        _, accumulated, _ = adapter_after_one_step(tmp_path, "ga", str(store.path), batch=1, accumulation=4, adapter="head")
-        _, large, trainer = adapter_after_one_step(tmp_path, "large", str(store.path), batch=4, accumulation=1, adapter="head")
+        _, accumulated, _ = adapter_after_one_step(
+            tmp_path, "ga", str(store.path), batch=1, accumulation=4, adapter="head"
+        )
+        _, large, trainer = adapter_after_one_step(
+            tmp_path, "large", str(store.path), batch=4, accumulation=1, adapter="head"
+        )
     finally:
         del ADAPTERS["head"]
     log = next(e for e in trainer.state.log_history if "loss_sft" in e)
@@ -287,7 +418,9 @@ def test_without_a_token_count_the_pcgrad_step_scales_like_the_trainers(tmp_path
     """With ``num_items_in_batch`` None the Trainer divides each micro-batch's loss by the accumulation steps; the
     PCGrad step must too. With q = e the two objectives are equal, so PCGrad (no conflict) and the plain sum of the
     losses (the Trainer's own step) log the same loss and gradient norm."""
-    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0))
+    store = compute_prior_inputs(
+        tiny_llama(), tiny_tokenizer(), rows(), tmp_path / "store", config=PriorInputConfig(learning_rate=0.0)
+    )
     logs = {}
     for pcgrad in (True, False):
         trainer = kr_trainer(tmp_path, f"scale-{pcgrad}", store_dir=str(store.path), pcgrad=pcgrad, max_steps=2,
@@ -295,6 +428,8 @@ def test_without_a_token_count_the_pcgrad_step_scales_like_the_trainers(tmp_path
         batches = trainer.get_batch_samples
         monkeypatch.setattr(trainer, "get_batch_samples", lambda *a, batches=batches, **k: (batches(*a, **k)[0], None))
         trainer.train()
-        logs[pcgrad] = [value for e in trainer.state.log_history if "grad_norm" in e for value in (e["loss"], e["grad_norm"])]
+        logs[pcgrad] = [
+            value for e in trainer.state.log_history if "grad_norm" in e for value in (e["loss"], e["grad_norm"])
+        ]
     assert len(logs[True]) == 4
     assert logs[True] == pytest.approx(logs[False], rel=1e-5)

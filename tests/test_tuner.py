@@ -16,7 +16,9 @@ def tki_model(seed=0, **overrides):
 
 
 def layer_named(model, suffix):
-    return next(module for name, module in model.named_modules() if name.endswith(suffix) and isinstance(module, TKILayer))
+    return next(
+        module for name, module in model.named_modules() if name.endswith(suffix) and isinstance(module, TKILayer)
+    )
 
 
 def test_registration_makes_tki_a_peft_type():
@@ -90,7 +92,9 @@ def test_batch_equals_each_example_alone(queries):
     groups = torch.tensor([1, 2, 0])
     batch = model(input_ids=input_ids, query_embeddings=queries, group_ids=groups).logits
     for i in range(3):
-        alone = model(input_ids=input_ids[i : i + 1], query_embeddings=queries[i : i + 1], group_ids=groups[i : i + 1]).logits
+        alone = model(
+            input_ids=input_ids[i : i + 1], query_embeddings=queries[i : i + 1], group_ids=groups[i : i + 1]
+        ).logits
         torch.testing.assert_close(batch[i : i + 1], alone, atol=1e-5, rtol=1e-5)
     swapped = model(input_ids=input_ids, query_embeddings=queries.flip(0), group_ids=groups.flip(0)).logits
     assert not torch.allclose(batch, swapped, atol=1e-4)
@@ -151,8 +155,15 @@ def test_activation_checkpointing_routes_recomputed_layers_identically(queries):
 def test_generate_with_beams_routes_every_expanded_row_with_its_example(queries):
     model = tki_model()
     input_ids = torch.randint(3, 128, (3, 5), generator=torch.Generator().manual_seed(1))
-    settings = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, do_sample=False,
-                    output_scores=True, return_dict_in_generate=True, pad_token_id=0)
+    settings = dict(
+        max_new_tokens=4,
+        num_beams=2,
+        num_return_sequences=2,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+    )
     batch = model.generate(input_ids=input_ids, query_embeddings=queries, **settings)
     with route(model, queries):
         in_context = model.generate(input_ids=input_ids, **settings)
@@ -160,7 +171,9 @@ def test_generate_with_beams_routes_every_expanded_row_with_its_example(queries)
     for i in range(3):
         alone = model.generate(input_ids=input_ids[i : i + 1], query_embeddings=queries[i : i + 1], **settings)
         assert torch.equal(batch.sequences[2 * i : 2 * i + 2], alone.sequences)
-        torch.testing.assert_close(batch.sequences_scores[2 * i : 2 * i + 2], alone.sequences_scores, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            batch.sequences_scores[2 * i : 2 * i + 2], alone.sequences_scores, atol=1e-5, rtol=1e-5
+        )
     other = model.generate(input_ids=input_ids, query_embeddings=queries.roll(1, 0), **settings)
     assert not torch.allclose(batch.sequences_scores, other.sequences_scores, atol=1e-5)
 

@@ -40,7 +40,9 @@ class SubsetGradients:
             and id(module.weight) in self._index
             and (module.bias is None or not module.bias.requires_grad)
         ]
-        self._banks = [module for module in model.modules() if isinstance(module, TKILayer) and len(module.tki_latent_A)]
+        self._banks = [
+            module for module in model.modules() if isinstance(module, TKILayer) and len(module.tki_latent_A)
+        ]
         covered = {id(module.weight) for module in self._linears}
         for layer in self._banks:
             covered |= {id(p) for bank in (layer.tki_latent_A, layer.tki_latent_B) for p in bank.values()}

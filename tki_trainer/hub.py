@@ -117,9 +117,13 @@ def push_adapter(
     folder = Path(folder)
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
     if missing:
-        raise ValueError(f"{folder} is not a saved adapter (missing {missing}): save it with model.save_pretrained first.")
+        raise ValueError(
+            f"{folder} is not a saved adapter (missing {missing}): save it with model.save_pretrained first."
+        )
     if prior_inputs is not None and not Path(prior_inputs, "store.json").is_file():
-        raise ValueError(f"{prior_inputs} holds no prior-input store (no store.json): pass the directory compute_prior_inputs wrote.")
+        raise ValueError(
+            f"{prior_inputs} holds no prior-input store (no store.json): pass the directory compute_prior_inputs wrote."
+        )
     if plain_lora is not None and not Path(plain_lora, "adapter_config.json").is_file():
         raise ValueError(f"{plain_lora} holds no adapter: write it with tki_trainer.export_lora first.")
     operations = _additions(folder, "")

@@ -30,17 +30,28 @@ from .reinstatement.stage1 import DEFAULT_MAX_LENGTH
 class PrepareArguments:
     """``tki-prepare``'s arguments besides the stage-1 settings, which are `TKIConfig`'s ``prior_inputs_*`` ones."""
 
-    data: str = field(metadata={"help": "A P3 .jsonl.gz file, or a .json/.jsonl file of prompt/completion or messages rows."})
-    output_dir: str = field(metadata={"help": "Where dataset/ and prior_inputs/ are written (and resumed from)."})
-    model: str = field(default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path / Hub id."})
-    encoder: str = field(
-        default="embedded", metadata={"help": "'embedded' (all-MiniLM-L6-v2) or a sentence-transformers path / Hub id."}
+    data: str = field(
+        metadata={"help": "A P3 .jsonl.gz file, or a .json/.jsonl file of prompt/completion or messages rows."}
     )
-    conversational: bool = field(default=False, metadata={"help": "Wrap P3 rows as chat turns (uses the chat template)."})
+    output_dir: str = field(metadata={"help": "Where dataset/ and prior_inputs/ are written (and resumed from)."})
+    model: str = field(
+        default="embedded", metadata={"help": "'embedded' (SmolLM2-135M-Instruct) or a model path / Hub id."}
+    )
+    encoder: str = field(
+        default="embedded",
+        metadata={"help": "'embedded' (all-MiniLM-L6-v2) or a sentence-transformers path / Hub id."},
+    )
+    conversational: bool = field(
+        default=False, metadata={"help": "Wrap P3 rows as chat turns (uses the chat template)."}
+    )
     limit: Optional[int] = field(default=None, metadata={"help": "Keep a seeded sample of this many rows."})
     seed: int = field(default=0, metadata={"help": "Seed of the sample."})
-    max_length: Optional[int] = field(default=DEFAULT_MAX_LENGTH, metadata={"help": "Token budget per row, as TKIConfig.max_length."})
-    overlong: str = field(default="truncate_left", metadata={"help": "'truncate_left' or 'drop' rows over max_length."})
+    max_length: Optional[int] = field(
+        default=DEFAULT_MAX_LENGTH, metadata={"help": "Token budget per row, as TKIConfig.max_length."}
+    )
+    overlong: str = field(
+        default="truncate_left", metadata={"help": "'truncate_left' or 'drop' rows over max_length."}
+    )
 
 
 def load_rows(args: PrepareArguments) -> Dataset:
@@ -79,7 +90,9 @@ def main(argv: list[str] | None = None) -> None:
                 dataset.save_to_disk(str(dataset_dir))
                 if report is not None:
                     state.print(f"fit to {args.max_length} tokens: {report}")
-    store = compute_prior_inputs(model, tokenizer, dataset, output_dir / "prior_inputs", config=config, max_length=args.max_length)
+    store = compute_prior_inputs(
+        model, tokenizer, dataset, output_dir / "prior_inputs", config=config, max_length=args.max_length
+    )
     state.print(f"dataset with query embeddings: {dataset_dir} ({len(dataset)} rows)")
     state.print(f"prior inputs: {store.path}\n{json.dumps(store.summary(), indent=2)}")
 

@@ -34,7 +34,9 @@ def make_keys(num_groups: int, keys_per_group: int, key_dim: int, seed: int) -> 
     if num_keys <= key_dim:
         blocks = [torch.randn(key_dim, num_keys, generator=generator, dtype=torch.float64)]
     else:
-        blocks = [torch.randn(key_dim, keys_per_group, generator=generator, dtype=torch.float64) for _ in range(num_groups)]
+        blocks = [
+            torch.randn(key_dim, keys_per_group, generator=generator, dtype=torch.float64) for _ in range(num_groups)
+        ]
     return torch.cat([torch.linalg.qr(block).Q.T for block in blocks]).float()
 
 
@@ -71,7 +73,6 @@ def retrieve(
         distance = scores.clamp_min(COSINE_EPS)
         weights = distance / distance.sum(dim=-1, keepdim=True)
     return indices, weights
-
 
 
 def hashed_group(example_id: str, num_groups: int, seed: int) -> int:

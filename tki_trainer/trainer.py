@@ -78,7 +78,9 @@ class TKITrainer(SFTTrainer):
         peft_config = self._adapter_config(model, args, peft_config, train_dataset, eval_dataset)
         train_dataset = self._prepare_rows(train_dataset, args, peft_config, model, "train")
         if isinstance(eval_dataset, dict):
-            eval_dataset = {n: self._prepare_rows(d, args, peft_config, model, f"eval_{n}") for n, d in eval_dataset.items()}
+            eval_dataset = {
+                n: self._prepare_rows(d, args, peft_config, model, f"eval_{n}") for n, d in eval_dataset.items()
+            }
         else:
             eval_dataset = self._prepare_rows(eval_dataset, args, peft_config, model, "eval")
         raw_train = train_dataset
@@ -158,7 +160,10 @@ class TKITrainer(SFTTrainer):
         if given:
             key_dim, encoder = len(given[0][0][args.query_embedding_column]), None
         else:
-            key_dim, encoder = preparation.query_encoder(args.query_encoder).get_embedding_dimension(), args.query_encoder
+            key_dim, encoder = (
+                preparation.query_encoder(args.query_encoder).get_embedding_dimension(),
+                args.query_encoder,
+            )
         bank = dict(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
         built = LatentLoraConfig.from_lora_config(peft_config or shared_lora_config(), **bank)
         logger.info(
@@ -329,7 +334,9 @@ class TKITrainer(SFTTrainer):
         unless the loss is already normalised over the effective batch."""
         scaled = self.loss_is_scaled_for_ga
         if scaled is None:
-            scaled = (self.model_accepts_loss_kwargs and num_items_in_batch is not None) or self.compute_loss_func is not None
+            scaled = (
+                self.model_accepts_loss_kwargs and num_items_in_batch is not None
+            ) or self.compute_loss_func is not None
         return 1.0 if scaled else 1.0 / self._accumulation_steps
 
     @property
@@ -431,7 +438,9 @@ class TKITrainer(SFTTrainer):
         ``plain_lora_query`` adds `export_lora`'s plain LoRA for that query under ``plain_lora/``. ``kwargs`` go to
         `create_model_card`. The upload is always blocking."""
         if prior_inputs and self._store is None:
-            raise ValueError("prior_inputs=True needs a prior-input store, which this trainer (kr=False or on_the_fly) has not.")
+            raise ValueError(
+                "prior_inputs=True needs a prior-input store, which this trainer (kr=False or on_the_fly) has not."
+            )
         self.callback_handler.on_push_begin(self.args, self.state, self.control)
         self.save_model(_internal_call=True)
         if not self.is_world_process_zero():

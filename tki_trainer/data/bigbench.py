@@ -39,17 +39,23 @@ def _read_tasks(source: str | os.PathLike, tasks: Sequence[str]) -> dict[str, di
                     if len(found) == len(wanted):
                         break
     else:
-        raise ValueError(f"No BIG-bench source at {source}: run `pip download --no-deps bigbench==1.0.0` and pass the .tar.gz.")
+        raise ValueError(
+            f"No BIG-bench source at {source}: run `pip download --no-deps bigbench==1.0.0` and pass the .tar.gz."
+        )
     missing = [task for task in tasks if task not in found]
     if missing:
-        raise ValueError(f"BIG-bench tasks not found in {source}: {missing} (composite tasks are named 'task/subtask').")
+        raise ValueError(
+            f"BIG-bench tasks not found in {source}: {missing} (composite tasks are named 'task/subtask')."
+        )
     return found
 
 
 def bigbench_rows(task: str, data: dict[str, Any], max_examples: int | None = None) -> list[dict[str, Any]]:
     """Prompt/completion rows of one task with every acceptable answer in ``references``."""
     if "examples" not in data:
-        raise ValueError(f"BIG-bench task {task!r} has no examples of its own: name one of its subtasks as '{task}/<subtask>'.")
+        raise ValueError(
+            f"BIG-bench task {task!r} has no examples of its own: name one of its subtasks as '{task}/<subtask>'."
+        )
     task_prefix = data.get("task_prefix") or ""
     input_prefix = data.get("example_input_prefix", "\nQ: ")
     output_prefix = data.get("example_output_prefix", "\nA: ")

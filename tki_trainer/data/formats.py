@@ -48,7 +48,9 @@ def check_prompt_completion_rows(dataset: Dataset) -> None:
             "dataset.map(tki_trainer.data.messages_to_prompt_completion, remove_columns='messages')."
         )
     if not {"prompt", "completion"} <= columns:
-        raise ValueError(f"Knowledge reinstatement needs 'prompt' and 'completion' columns; the dataset has {sorted(columns)}.")
+        raise ValueError(
+            f"Knowledge reinstatement needs 'prompt' and 'completion' columns; the dataset has {sorted(columns)}."
+        )
     if "id" not in columns:
         raise ValueError(
             "The dataset needs an 'id' column (a stable, unique id per row) to key its prior inputs: the loaders in "

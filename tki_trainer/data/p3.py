@@ -34,7 +34,9 @@ def load_p3(
     if clusters is not None:
         unknown = set(clusters) - set(dataset.unique("cluster"))
         if unknown:
-            raise ValueError(f"Unknown P3 clusters {sorted(unknown)}; this file has {sorted(dataset.unique('cluster'))}.")
+            raise ValueError(
+                f"Unknown P3 clusters {sorted(unknown)}; this file has {sorted(dataset.unique('cluster'))}."
+            )
         dataset = dataset.filter(lambda cluster: cluster in set(clusters), input_columns="cluster")
     dataset = dataset.shuffle(seed=seed)
     if per_template is not None:

@@ -72,12 +72,20 @@ def add_query_embeddings(
     if cache_file is not None and cache_file.is_file():
         embeddings = load_file(cache_file)["query_embeddings"]
     else:
-        embeddings = encoder.encode(
-            texts, batch_size=batch_size, show_progress_bar=True, convert_to_tensor=True, normalize_embeddings=True
-        ).float().cpu()
+        embeddings = (
+            encoder.encode(
+                texts, batch_size=batch_size, show_progress_bar=True, convert_to_tensor=True, normalize_embeddings=True
+            )
+            .float()
+            .cpu()
+        )
         if cache_file is not None:
             with staged_directory(cache_file.parent) as staging:
-                save_file({"query_embeddings": embeddings.contiguous()}, staging / cache_file.name, metadata={"encoder": name})
+                save_file(
+                    {"query_embeddings": embeddings.contiguous()},
+                    staging / cache_file.name,
+                    metadata={"encoder": name},
+                )
     if column in dataset.column_names:
         dataset = dataset.remove_columns(column)
     return dataset.add_column(column, embeddings.numpy().tolist())

@@ -13,7 +13,9 @@ class GenerationEvaluationCallback(TrainerCallback):
     """On each evaluation, generate answers for ``dataset`` (``prompt``, ``references``, query embeddings) and log
     ``eval_generation_<metric>`` for the whole set and ``eval_generation_<group>_<metric>`` per group."""
 
-    def __init__(self, trainer: Trainer, dataset: Dataset, group_column: str | None = None, batch_size: int = 8) -> None:
+    def __init__(
+        self, trainer: Trainer, dataset: Dataset, group_column: str | None = None, batch_size: int = 8
+    ) -> None:
         if "references" not in dataset.column_names:
             raise ValueError("The evaluation set needs a 'references' column (a list of acceptable answers per row).")
         self.trainer = trainer
@@ -27,10 +29,21 @@ class GenerationEvaluationCallback(TrainerCallback):
         budgets = answer_budgets(tokenizer, self.dataset["references"], groups)
         model = self.trainer.accelerator.unwrap_model(self.trainer.model)
         answers = generate_answers(
-            model, tokenizer, self.dataset, max_new_tokens=budgets, group_column=self.group_column, batch_size=self.batch_size
+            model,
+            tokenizer,
+            self.dataset,
+            max_new_tokens=budgets,
+            group_column=self.group_column,
+            batch_size=self.batch_size,
         )
         metrics = score_by(answers, self.dataset["references"], groups)
         logs = {f"eval_generation_{name}": value for name, value in metrics.pop("all").items()}
         if self.group_column:
-            logs.update({f"eval_generation_{group}_{name}": value for group, values in metrics.items() for name, value in values.items()})
+            logs.update(
+                {
+                    f"eval_generation_{group}_{name}": value
+                    for group, values in metrics.items()
+                    for name, value in values.items()
+                }
+            )
         self.trainer.log(logs)

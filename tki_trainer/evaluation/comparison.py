@@ -44,7 +44,9 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, s
     """
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
-        raise ValueError(f"paired_bootstrap needs scores of the same examples for both systems; got {a.shape} and {b.shape}.")
+        raise ValueError(
+            f"paired_bootstrap needs scores of the same examples for both systems; got {a.shape} and {b.shape}."
+        )
     rng = np.random.default_rng(seed)
     n = a.shape[1]
     differences = []

@@ -14,7 +14,9 @@ from transformers import PreTrainedTokenizerBase
 from ..tuner.model import TKIModel, route
 
 
-def answer_budgets(tokenizer: PreTrainedTokenizerBase, references: list[list[str]], groups: list[str], cap: int = 256) -> dict[str, int]:
+def answer_budgets(
+    tokenizer: PreTrainedTokenizerBase, references: list[list[str]], groups: list[str], cap: int = 256
+) -> dict[str, int]:
     """``max_new_tokens`` per group (task or cluster): its longest reference in tokens, plus a quarter and 8
     tokens of slack, at most ``cap``."""
     longest: dict[str, int] = defaultdict(int)
@@ -50,7 +52,9 @@ def generate_answers(
     """
     routed = any(isinstance(module, TKIModel) for module in model.modules())
     if routed and query_column not in dataset.column_names:
-        raise ValueError(f"The model routes by query but the dataset has no '{query_column}' column: add_query_embeddings first.")
+        raise ValueError(
+            f"The model routes by query but the dataset has no '{query_column}' column: add_query_embeddings first."
+        )
     texts = [_prompt_text(tokenizer, prompt) for prompt in dataset["prompt"]]
     groups = dataset[group_column] if group_column else [""] * len(texts)
     budget = max_new_tokens if isinstance(max_new_tokens, dict) else defaultdict(lambda: max_new_tokens)
@@ -69,7 +73,9 @@ def generate_answers(
             by_group[groups[i]].append(i)
         batches = [rows[i : i + batch_size] for rows in by_group.values() for i in range(0, len(rows), batch_size)]
         for batch in tqdm(batches, desc="Generating answers"):
-            inputs = tokenizer([texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            inputs = tokenizer(
+                [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+            ).to(device)
             queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
             with route(model, queries) if routed else contextlib.nullcontext():
                 output = model.generate(

@@ -37,7 +37,9 @@ def score_examples(predictions: Sequence[str], references: Sequence[Sequence[str
 
 def _compute(predictions: Sequence[str], references: Sequence[Sequence[str]], **options) -> dict:
     if len(predictions) != len(references) or not predictions:
-        raise ValueError(f"score needs one list of references per prediction; got {len(predictions)} and {len(references)}.")
+        raise ValueError(
+            f"score needs one list of references per prediction; got {len(predictions)} and {len(references)}."
+        )
     return _module().compute(predictions=list(predictions), references=[list(r) for r in references], **options)
 
 
@@ -48,5 +50,8 @@ def score_by(
     members: dict[str, list[int]] = defaultdict(list)
     for index, group in enumerate(groups):
         members[group].append(index)
-    breakdown = {group: score([predictions[i] for i in idx], [references[i] for i in idx]) for group, idx in sorted(members.items())}
+    breakdown = {
+        group: score([predictions[i] for i in idx], [references[i] for i in idx])
+        for group, idx in sorted(members.items())
+    }
     return {"all": score(predictions, references), **breakdown}

@@ -26,7 +26,9 @@ class LatentLoraConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "Rank of the shared LoRA (the paper's `lora_rank`)."})
-    lora_alpha: int = field(default=16, metadata={"help": "Scaling numerator of the shared LoRA: its output is scaled by lora_alpha / r."})
+    lora_alpha: int = field(
+        default=16, metadata={"help": "Scaling numerator of the shared LoRA: its output is scaled by lora_alpha / r."}
+    )
     target_modules: Optional[Union[list[str], str]] = field(
         default="all-linear",
         metadata={
@@ -37,7 +39,9 @@ class LatentLoraConfig(PeftConfig):
     exclude_modules: Optional[Union[list[str], str]] = field(
         default=None, metadata={"help": "Modules never adapted, as names, suffixes or a regex."}
     )
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the input of the shared LoRA and of the latent bank."})
+    lora_dropout: float = field(
+        default=0.0, metadata={"help": "Dropout on the input of the shared LoRA and of the latent bank."}
+    )
     use_shared_lora: bool = field(
         default=True,
         metadata={"help": "Train the shared LoRA next to the bank; False leaves only the latent increments."},
@@ -45,18 +49,24 @@ class LatentLoraConfig(PeftConfig):
     latent_r: int = field(default=8, metadata={"help": "Rank of each latent increment B_j A_j."})
     latent_alpha: float = field(
         default=16,
-        metadata={"help": "Scaling numerator of the latent bank: the blended increment is scaled by latent_alpha / latent_r."},
+        metadata={
+            "help": "Scaling numerator of the latent bank: the blended increment is scaled by latent_alpha / latent_r."
+        },
     )
     latent_target_modules: Optional[Union[list[str], str]] = field(
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Modules that get a latent bank, in the same forms as target_modules."},
     )
-    num_groups: int = field(default=16, metadata={"help": "C: groups of latent tasks; a training example retrieves only inside its group."})
+    num_groups: int = field(
+        default=16, metadata={"help": "C: groups of latent tasks; a training example retrieves only inside its group."}
+    )
     keys_per_group: int = field(default=12, metadata={"help": "Q: latent tasks per group; the bank holds M = C * Q."})
     top_k: int = field(default=2, metadata={"help": "k: latent tasks retrieved and blended per example."})
     key_dim: int = field(
         default=768,
-        metadata={"help": "Dimension of keys and query embeddings, i.e. the query encoder's output size (RoBERTa-base: 768)."},
+        metadata={
+            "help": "Dimension of keys and query embeddings, i.e. the query encoder's output size (RoBERTa-base: 768)."
+        },
     )
     blend: Literal["cosine", "softmax"] = field(
         default="cosine",
@@ -107,9 +117,13 @@ class LatentLoraConfig(PeftConfig):
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}.")
         if not self.latent_target_modules:
-            raise ValueError("latent_target_modules is empty: name the modules that hold the latent bank, e.g. ['q_proj', 'v_proj'].")
+            raise ValueError(
+                "latent_target_modules is empty: name the modules that hold the latent bank, e.g. ['q_proj', 'v_proj']."
+            )
         if self.use_shared_lora and not self.target_modules:
-            raise ValueError("target_modules is empty while use_shared_lora=True: name the shared LoRA's modules or set use_shared_lora=False.")
+            raise ValueError(
+                "target_modules is empty while use_shared_lora=True: name the shared LoRA's modules or set use_shared_lora=False."
+            )
         for name in ("target_modules", "latent_target_modules", "exclude_modules"):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):

@@ -89,7 +89,9 @@ class TKILayer(BaseTunerLayer):
         self._move_adapter_to_device_of_base_layer(adapter_name)
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
-    def latent_delta(self, x: torch.Tensor, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def latent_delta(
+        self, x: torch.Tensor, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor
+    ) -> torch.Tensor:
         """``sum_j w_ij B_j A_j x_i`` for every row ``i`` at once, unscaled.
 
         The ``k`` increments of each row are gathered and stacked into one rank ``k*latent_r`` factor pair, so the
@@ -110,10 +112,14 @@ class TKILayer(BaseTunerLayer):
                 self.gather_observer(bank, flat, gathered)
         a = a.view(rows, -1, self.in_features)
         b = b.view(rows, -1, self.out_features)
-        hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(tokens.dtype)
+        hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(
+            tokens.dtype
+        )
         return torch.bmm(hidden, b)
 
-    def _inference_factors(self, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _inference_factors(
+        self, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered pair ``(w * A)^T [rows, in, k*r]``, ``B [rows, k*r, out]`` without autograd, kept while the
         routing (the same selection tensors) and the bank (its in-place version) stay: generation gathers once per
         call instead of once per new token."""

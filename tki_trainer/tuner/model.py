@@ -100,7 +100,9 @@ class TKIModel(BaseTuner):
     def _bank_is_active(self) -> bool:
         return self._layers_enabled and any(name in self.tki_keys for name in self.active_adapters)
 
-    def _set_call_routing(self, query_embeddings: torch.Tensor | None, group_ids: torch.Tensor | None, inputs: Any) -> None:
+    def _set_call_routing(
+        self, query_embeddings: torch.Tensor | None, group_ids: torch.Tensor | None, inputs: Any
+    ) -> None:
         """Route this call (or clear the previous call's routing) and refuse, before any model work, a call the
         bank cannot route."""
         self.router.set_call(query_embeddings, group_ids, self.active_adapters)
@@ -114,13 +116,21 @@ class TKIModel(BaseTuner):
             )
 
     def forward(
-        self, *args: Any, query_embeddings: torch.Tensor | None = None, group_ids: torch.Tensor | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        query_embeddings: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         self._set_call_routing(query_embeddings, group_ids, _model_inputs(args, kwargs))
         return self.model(*args, **kwargs)
 
     def generate(
-        self, *args: Any, query_embeddings: torch.Tensor | None = None, group_ids: torch.Tensor | None = None, **kwargs: Any
+        self,
+        *args: Any,
+        query_embeddings: torch.Tensor | None = None,
+        group_ids: torch.Tensor | None = None,
+        **kwargs: Any,
     ) -> Any:
         self._set_call_routing(query_embeddings, group_ids, _model_inputs(args, kwargs))
         return self.model.generate(*args, **kwargs)

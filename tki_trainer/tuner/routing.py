@@ -45,7 +45,10 @@ class Routing:
         if (adapter_name, rows) not in self._selections:
             indices, weights = self._selections[adapter_name, self.batch_size]
             repeats = rows // self.batch_size
-            self._selections[adapter_name, rows] = (indices.repeat_interleave(repeats, 0), weights.repeat_interleave(repeats, 0))
+            self._selections[adapter_name, rows] = (
+                indices.repeat_interleave(repeats, 0),
+                weights.repeat_interleave(repeats, 0),
+            )
         return self._selections[adapter_name, rows]
 
 
@@ -67,7 +70,11 @@ class Router:
     ) -> Routing:
         """Validate the queries and retrieve the given (active) adapters' latent tasks, before any model work;
         other adapters retrieve on first use."""
-        if not isinstance(query_embeddings, torch.Tensor) or query_embeddings.ndim != 2 or not query_embeddings.is_floating_point():
+        if (
+            not isinstance(query_embeddings, torch.Tensor)
+            or query_embeddings.ndim != 2
+            or not query_embeddings.is_floating_point()
+        ):
             raise ValueError(
                 "query_embeddings must be a float tensor of shape [batch, key_dim], one sentence-encoder embedding per "
                 f"example; got {type(query_embeddings).__name__} {tuple(getattr(query_embeddings, 'shape', ()))}."

@@ -34,7 +34,9 @@ class TkiAnswers(evaluate.Metric):
             scores = [scorer.score(reference, prediction) for reference in options]
             for key in ROUGE_KEYS:
                 rows[key].append(100 * max(score[key].fmeasure for score in scores))
-            rows["exact_match"].append(100.0 * (prediction.strip().lower() in {reference.strip().lower() for reference in options}))
+            rows["exact_match"].append(
+                100.0 * (prediction.strip().lower() in {reference.strip().lower() for reference in options})
+            )
         results.update({key: sum(values) / count for key, values in rows.items()})
         if per_example:
             results["per_example"] = rows
