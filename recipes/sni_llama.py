@@ -119,7 +119,7 @@ def check_invocation(recipe: RecipeArguments, config: TKIConfig) -> None:
     """Refuse in the first seconds what would fail later: missing data, no Hub token, a model the memory cannot hold."""
     for name in ("train_data", "eval_data"):
         path = getattr(recipe, name)
-        if path and (path.startswith(("/", ".", "~")) or os.sep in path) and not Path(path).expanduser().exists():
+        if path and path.startswith(("/", ".", "~")) and not Path(path).expanduser().exists():
             raise SystemExit(f"sni_llama.py: --{name} {path} does not exist.")
     if recipe.preset == "paper" and not recipe.train_data:
         raise SystemExit(
@@ -163,6 +163,18 @@ def _per_group(dataset: Dataset, column: str, total: int | None, seed: int) -> D
     return shuffled.select(sorted(keep))
 
 
+def _at_most(rows: Dataset, recipe: RecipeArguments, seed: int) -> Dataset:
+    """Hub rows of SNI, at most ``max_instances_per_task`` seeded rows per task (as `load_sni` samples a checkout)."""
+    shuffled = rows.shuffle(seed=seed)
+    taken: dict[str, int] = {}
+    keep = []
+    for index, task in enumerate(shuffled["task"]):
+        if taken.get(task, 0) < recipe.max_instances_per_task:
+            keep.append(index)
+            taken[task] = taken.get(task, 0) + 1
+    return shuffled.select(keep)
+
+
 def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Dataset, Dataset, str]:
     """Training rows and evaluation rows (one per prompt, with ``references``), fitted into max_length, and the
     column that results are reported (and generation is batched) by: SNI's task category, or P3's cluster."""
@@ -177,8 +189,8 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
     else:
         from datasets import load_dataset
 
-        train = sni_from_hub_rows(load_dataset(recipe.train_data, split="train"))
-        evaluation = sni_from_hub_rows(load_dataset(recipe.train_data, split="test"))
+        train = _at_most(sni_from_hub_rows(load_dataset(recipe.train_data, split="train")), recipe, config.seed)
+        evaluation = _at_most(sni_from_hub_rows(load_dataset(recipe.train_data, split="test")), recipe, config.seed)
     if recipe.eval_data:
         evaluation = group_references(load_p3(recipe.eval_data, seed=config.seed))
     elif evaluation is None:
@@ -244,7 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = TKITrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
                          peft_config=adapter_config(recipe, config, key_dim))  # fmt: skip
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(output_dir)))
-    trainer.save_model()
+    trainer.save_model(_internal_call=True)  # the push, if asked, comes once, with the evaluation in the card
     if not PartialState().is_main_process:
         return {}
 
@@ -255,7 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
     answers = evaluate(trainer, evaluation, group, recipe, output_dir)
     results = {name: score_by(values, evaluation["references"], evaluation[group]) for name, values in answers.items()}
-    if "definition" in evaluation.column_names:
+    if {"instance_input", "demo_output"} <= set(evaluation.column_names):
         results.update(score_heuristics(evaluation, group))
     (output_dir / "metrics.json").write_text(
         json.dumps({"metrics": results, "preset": recipe.preset, "seconds": time.time() - start}, indent=2)

@@ -24,14 +24,18 @@ def run(command, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
 
 
-@pytest.mark.parametrize("kr,pcgrad", [("kr", "pcgrad"), ("no-kr", "pcgrad"), ("kr", "no-pcgrad")])
-def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad):
+@pytest.mark.parametrize(
+    "kr,pcgrad,accumulation",
+    [("kr", "pcgrad", 1), ("no-kr", "pcgrad", 1), ("kr", "no-pcgrad", 1), ("no-kr", "pcgrad", 2)],
+)
+def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad, accumulation):
+    """One process at micro-batch 4 against two at 2 (or at 1 with 2 accumulation steps): the same update."""
     store = noisy_store(tmp_path, scale=0.5)
     script = str(HERE / "distributed_run.py")
     run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1", kr, pcgrad], tmp_path)
     config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29537",
-         script, str(tmp_path / "two"), str(store.path), "2", "1", kr, pcgrad], tmp_path)  # fmt: skip
+         script, str(tmp_path / "two"), str(store.path), str(2 // accumulation), str(accumulation), kr, pcgrad], tmp_path)  # fmt: skip
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == two.keys()

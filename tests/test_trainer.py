@@ -232,6 +232,11 @@ def test_bad_input_is_refused_at_construction(tmp_path, overrides, data, message
         (dict(label_smoothing_factor=0.1), "label_smoothing_factor"),
         (dict(activation_offloading=True), "activation_offloading=False"),
         (dict(fsdp="full_shard"), "FSDP"),
+        (dict(optim="adamw_8bit"), "optim='adamw_torch'"),
+        (dict(neftune_noise_alpha=5.0), "neftune_noise_alpha=None"),
+        (dict(truncation_mode="keep_end"), "keep_start"),
+        (dict(eval_packing=True), "eval_packing=False"),
+        (dict(prior_inputs_mode="on_the_fly", prior_inputs_dir="x"), "unset prior_inputs_dir"),
         (dict(prior_inputs_dir="/nonexistent"), "no prior-input store"),
     ],
 )
@@ -433,3 +438,26 @@ def test_without_a_token_count_the_pcgrad_step_scales_like_the_trainers(tmp_path
         ]
     assert len(logs[True]) == 4
     assert logs[True] == pytest.approx(logs[False], rel=1e-5)
+
+
+def test_deepspeed_or_fsdp_from_an_accelerate_config_is_refused_with_lta(tmp_path, monkeypatch):
+    """``accelerate launch --config_file <fsdp config>`` says so only through the environment."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="FSDP reduces and shards"):
+        TKIConfig(**common(tmp_path, "fsdp"))
+
+
+def test_a_dataset_given_to_evaluate_is_prepared_like_the_eval_dataset(tmp_path):
+    args = TKIConfig(**common(tmp_path, "eval", max_steps=1), kr=False)
+    trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
+                         peft_config=tki_config())  # fmt: skip
+    unseen = rows().remove_columns("id").select(range(4))
+    metrics = trainer.evaluate(unseen)
+    assert metrics["eval_loss"] > 0 and "eval_latent_usage_entropy" in metrics
+
+
+def test_a_lora_config_without_target_modules_targets_what_peft_lora_targets(tmp_path):
+    lora = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM")
+    trainer = TKITrainer(tiny_llama(), args=TKIConfig(**common(tmp_path, "lora"), kr=False), train_dataset=rows(),
+                         processing_class=tiny_tokenizer(), peft_config=lora)  # fmt: skip
+    assert trainer.model.peft_config["default"].target_modules == {"q_proj", "v_proj"}

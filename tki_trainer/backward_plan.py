@@ -27,7 +27,8 @@ class BackwardPlan(enum.Enum):
     examples where the prompt is harder; then one backward through the prior-input graph."""
     RETAINED = 4
     """Mixed, where the capture cannot cover every trainable parameter: the reinstatement backward runs through
-    both graphs, the real-prompt graph kept alive for it (three backward passes)."""
+    both graphs, the real-prompt graph kept alive for it (three passes through a graph: the real-prompt graph
+    twice, the prior-input graph once)."""
 
     @property
     def backward_passes(self) -> int:

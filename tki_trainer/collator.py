@@ -17,8 +17,8 @@ EXAMPLE_IDS = "example_ids"
 @dataclass
 class TKICollator:
     """Wraps the collator `SFTTrainer` builds and adds ``query_embeddings`` [batch, key_dim] and ``group_ids``
-    [batch] for routing, and the examples' ids (a list) for looking up prior inputs, which only a training step
-    does: evaluation rows need none."""
+    [batch] for routing, and the examples' ids (a list) for looking up prior inputs. Evaluation batches carry the
+    ids too, but only a training step looks them up: evaluation rows need no prior inputs."""
 
     base: Callable[[list[dict[str, Any]]], dict[str, Any]]
     query_column: str | None = None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -125,12 +126,18 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             raise ValueError(f"prior_inputs_mode must be 'store' or 'on_the_fly', got {self.prior_inputs_mode!r}.")
         if self.reinstatement_alpha < 0:
             raise ValueError(f"reinstatement_alpha must be >= 0, got {self.reinstatement_alpha}.")
-        if (self.lta or self.kr) and (self.packing or self.padding_free):
+        if (self.lta or self.kr) and (self.packing or self.eval_packing or self.padding_free):
             raise ValueError(
-                "packing / padding_free merge examples into one row, but TKI routes and reinstates per example: "
-                "set packing=False and padding_free=False."
+                "packing / eval_packing / padding_free merge examples into one row, but TKI routes and reinstates per "
+                "example: set packing=False, eval_packing=False and padding_free=False."
             )
-        engine = "DeepSpeed" if self.deepspeed else "FSDP" if self.fsdp else None
+        if self.lta and self.optim not in ("adamw_torch", "adamw_torch_fused"):
+            raise ValueError(
+                f"lta=True trains the latent bank with row-sparse gradients, which optim={self.optim!r} does not take: "
+                "use optim='adamw_torch' (the bank then gets lazy AdamW updates), or pass an optimizer that accepts "
+                "sparse gradients to TKITrainer through `optimizers=` and leave optim at 'adamw_torch'."
+            )
+        engine = self._engine()
         if engine and self.lta:
             raise ValueError(
                 f"{engine} reduces and shards gradients itself, and the latent bank's gradients are row-sparse: "
@@ -148,6 +155,22 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             )
         if not self.kr:
             return
+        if self.prior_inputs_mode == "on_the_fly" and self.prior_inputs_dir is not None:
+            raise ValueError(
+                "prior_inputs_mode='on_the_fly' runs stage 1 on each batch and reads no store: unset prior_inputs_dir, "
+                "or use prior_inputs_mode='store' to train on it."
+            )
+        if self.neftune_noise_alpha is not None:
+            raise ValueError(
+                "NEFTune noises the input embeddings, so the prior input q = e + (q - e) would no longer be the one "
+                "stage 1 optimised: set neftune_noise_alpha=None, or kr=False."
+            )
+        if self.truncation_mode != "keep_start":
+            raise ValueError(
+                f"truncation_mode={self.truncation_mode!r}: knowledge reinstatement keeps each prompt's span as "
+                "truncation_mode='keep_start' leaves it; use that (cut long prompts from the left before training with "
+                "tki_trainer.data.fit_prompts), or set kr=False."
+            )
         if self.completion_only_loss is False:
             raise ValueError(
                 "Knowledge reinstatement acts on the completion span only: set completion_only_loss=True (or leave it "
@@ -168,3 +191,12 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"prior_inputs_dir={self.prior_inputs_dir} holds no prior-input store (no store.json): write one with "
                 "tki_trainer.compute_prior_inputs or tki-prepare, or leave prior_inputs_dir unset to compute it."
             )
+
+    def _engine(self) -> str | None:
+        """DeepSpeed or FSDP when either will own gradient reduction: from the arguments, or from the environment
+        that ``accelerate launch --config_file <deepspeed or fsdp config>`` sets."""
+        if self.deepspeed or self.deepspeed_plugin is not None:
+            return "DeepSpeed"
+        if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
+            return "FSDP"
+        return None

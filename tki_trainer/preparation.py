@@ -38,7 +38,7 @@ query_encoder = functools.lru_cache(maxsize=1)(load_query_encoder)
 """A query encoder by name (``"embedded"`` or a sentence-transformers name), loaded once per process."""
 
 
-def as_prompt_completion(dataset: Dataset, name: str = "train") -> Dataset:
+def as_prompt_completion(dataset: Dataset, name: str = "train", id_column: str = "id") -> Dataset:
     """Rows knowledge reinstatement can use: prompt/completion rows as they are, ``messages`` rows split at their
     last assistant turn (the same tokens under the chat template, with the loss on that turn). Language-modelling
     rows, which have no prompt to reinstate, are refused."""
@@ -51,7 +51,7 @@ def as_prompt_completion(dataset: Dataset, name: str = "train") -> Dataset:
             f"Knowledge reinstatement needs a prompt to reinstate, but the {name} rows are {kind} rows: give "
             "prompt/completion or messages rows, or set kr=False."
         )
-    for example_id, prompt, completion in zip(*(dataset[c] for c in ("id", "prompt", "completion"))):
+    for example_id, prompt, completion in zip(*(dataset[c] for c in (id_column, "prompt", "completion"))):
         for part, value in (("prompt", prompt), ("completion", completion)):
             text = value if isinstance(value, str) else "".join(m["content"] for m in value)
             if not text.strip():

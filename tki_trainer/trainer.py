@@ -74,6 +74,11 @@ class TKITrainer(SFTTrainer):
                 "torch.nn.DataParallel, which TKI's per-example routing and reinstatement do not follow: run one "
                 "process per GPU with `accelerate launch` (DDP), or set CUDA_VISIBLE_DEVICES to one GPU."
             )
+        if args.kr and kwargs.get("compute_loss_func") is not None:
+            raise ValueError(
+                "compute_loss_func replaces SFTTrainer's token loss, which knowledge reinstatement compares per "
+                "example: subclass TKITrainer instead, use loss_type='dft', or set kr=False."
+            )
         self._cache_dir = Path(args.output_dir) / CACHE_DIR
         peft_config = self._adapter_config(model, args, peft_config, train_dataset, eval_dataset)
         train_dataset = self._prepare_rows(train_dataset, args, peft_config, model, "train")
@@ -98,11 +103,6 @@ class TKITrainer(SFTTrainer):
                 "The MoE auxiliary loss is a batch-level term that knowledge reinstatement cannot compare per example: "
                 "set router_aux_loss_coef=0.0, or kr=False."
             )
-        if args.kr and self.compute_loss_func is not None:
-            raise ValueError(
-                "compute_loss_func replaces SFTTrainer's token loss, which knowledge reinstatement compares per "
-                "example: subclass TKITrainer instead, use loss_type='dft', or set kr=False."
-            )
         self._store = self._prior_input_store(raw_train) if args.kr and args.prior_inputs_mode == "store" else None
         self.data_collator = TKICollator(
             base=self.data_collator,
@@ -120,7 +120,8 @@ class TKITrainer(SFTTrainer):
         self._recording: SubsetGradients | None = None
         self._objectives: Objectives | None = None
         if args.lta and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
-            self.optimizer_cls_and_kwargs = (LazyAdamW, self._adamw_kwargs())
+            _, adamw_kwargs = self.get_optimizer_cls_and_kwargs(args, self.model)
+            self.optimizer_cls_and_kwargs = (LazyAdamW, adamw_kwargs)
 
     # Construction -------------------------------------------------------------------------------------------------
 
@@ -182,9 +183,9 @@ class TKITrainer(SFTTrainer):
             return dataset
         dataset = preparation.with_ids(dataset, args.id_column)
         if args.kr and name == "train":
-            dataset = preparation.as_prompt_completion(dataset, name)
+            dataset = preparation.as_prompt_completion(dataset, name, args.id_column)
         elif args.kr and "messages" in dataset.column_names:
-            dataset = preparation.as_prompt_completion(dataset, name)
+            dataset = preparation.as_prompt_completion(dataset, name, args.id_column)
         if args.lta:
             config = config or find_tuner(model).peft_config[find_tuner(model).active_adapters[0]]
             dataset = preparation.with_routing_columns(
@@ -218,17 +219,6 @@ class TKITrainer(SFTTrainer):
                 max_length=self.args.max_length,
                 id_column=self.args.id_column,
             )
-
-    def _adamw_kwargs(self) -> dict[str, Any]:
-        """The optimizer arguments the Trainer would give AdamW; lta trains the bank with `LazyAdamW` instead."""
-        optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, self.model)
-        if optimizer_cls is not torch.optim.AdamW:
-            raise ValueError(
-                f"lta=True trains the latent bank with row-sparse gradients, which optim={self.args.optim!r} does not "
-                "take: use optim='adamw_torch' (the bank then gets lazy AdamW updates) or pass an optimizer that "
-                "accepts sparse gradients through `optimizers=`."
-            )
-        return optimizer_kwargs
 
     # Training ------------------------------------------------------------------------------------------------------
 
@@ -281,6 +271,8 @@ class TKITrainer(SFTTrainer):
         labels = inputs["labels"]
         prompt_lengths = (labels != -100).int().argmax(dim=1)
         unwrapped = self.accelerator.unwrap_model(model)
+        was_training = unwrapped.training
+        unwrapped.eval()  # as compute_prior_inputs runs it: no dropout in stage 1
         with _adapters_disabled(unwrapped), torch.enable_grad():
             result = optimize_prior_inputs(
                 unwrapped,
@@ -290,14 +282,16 @@ class TKITrainer(SFTTrainer):
                 prompt_lengths,
                 self.args.prior_input_config,
             )
+        unwrapped.train(was_training)
         return (result.embeddings - result.initial).detach()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Route the micro-batch for its forward and backward passes (activation checkpointing recomputes layers
         during backward). With PCGrad each objective's gradient is accumulated on its own and projected once per
         optimizer step; with LTA on several processes the bank's sparse gradients are reduced here, not by DDP."""
-        own_reduction = self._pcgrad or self._reducer
-        with self._routing(model, inputs), self.accelerator.no_sync(model) if own_reduction else _nothing():
+        own_reduction = self._pcgrad is not None or self._reducer is not None
+        reduction = self.accelerator.no_sync(model) if own_reduction else contextlib.nullcontext()
+        with self._routing(model, inputs), reduction:
             if self._pcgrad is None:
                 loss = super().training_step(model, inputs, num_items_in_batch)
             else:
@@ -365,6 +359,20 @@ class TKITrainer(SFTTrainer):
         if grad_norm is None and self.args.lta:
             grad_norm = clip_grad_norm(list(model.parameters()), float("inf"))
         return super()._get_grad_norm(model, grad_norm)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        """SFTTrainer's evaluation; a dataset passed here gets the ids and routing columns that construction gives
+        ``eval_dataset``."""
+        if isinstance(eval_dataset, Dataset):
+            eval_dataset = self._prepare_rows(eval_dataset, self.args, None, self.model, metric_key_prefix)
+        elif isinstance(eval_dataset, dict):
+            eval_dataset = {
+                name: self._prepare_rows(d, self.args, None, self.model, f"{metric_key_prefix}_{name}")
+                for name, d in eval_dataset.items()
+            }
+        return super().evaluate(
+            eval_dataset=eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix
+        )
 
     # Metrics -------------------------------------------------------------------------------------------------------
 
@@ -477,9 +485,5 @@ def _output_of(module: torch.nn.Module) -> Iterator[list[Any]]:
 @contextlib.contextmanager
 def _adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
     """The base model's behaviour for stage 1 (prior inputs belong to the model before fine-tuning)."""
-    with model.disable_adapter() if isinstance(model, PeftModel) else _nothing():
+    with model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext():
         yield
-
-
-def _nothing() -> contextlib.AbstractContextManager:
-    return contextlib.nullcontext()

@@ -46,8 +46,8 @@ EMPTY_PROMPT_FIX = (
 @dataclass
 class PriorInputConfig:
     """Settings of stage 1. The defaults cut the mean completion cross-entropy of the embedded model on P3 rows
-    by about 30% (|q-e|/|e| about 1%); `PriorInputConfig.paper()` is the paper's setting, which barely moves ``q``
-    (CE lower by well under 1%), so reinstatement then does nothing."""
+    by about 38% (|q-e|/|e| about 1%; bench/results/prepare_speed.md); `PriorInputConfig.paper()` is the paper's
+    setting, which barely moves ``q`` (CE lower by well under 1%), so reinstatement then does nothing."""
 
     steps: int = field(default=5, metadata={"help": "Stage-1 Adam steps per example."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Stage-1 Adam learning rate."})

@@ -33,7 +33,8 @@ class LatentLoraConfig(PeftConfig):
         default="all-linear",
         metadata={
             "help": "Modules that get the shared LoRA: a list of module names or suffixes, a regex, or 'all-linear' "
-            "(every linear layer but the output head, the paper's `lora_target=all`)."
+            "(every linear layer but the output head, the paper's `lora_target=all`); None: what PEFT's LoRA targets "
+            "for the architecture."
         },
     )
     exclude_modules: Optional[Union[list[str], str]] = field(
@@ -120,7 +121,7 @@ class LatentLoraConfig(PeftConfig):
             raise ValueError(
                 "latent_target_modules is empty: name the modules that hold the latent bank, e.g. ['q_proj', 'v_proj']."
             )
-        if self.use_shared_lora and not self.target_modules:
+        if self.use_shared_lora and self.target_modules is not None and not self.target_modules:
             raise ValueError(
                 "target_modules is empty while use_shared_lora=True: name the shared LoRA's modules or set use_shared_lora=False."
             )

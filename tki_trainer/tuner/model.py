@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from peft.tuners._buffer_dict import BufferDict
 from peft.tuners.tuners_utils import BaseTuner, check_target_module_exists
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 
 from ..retrieval import make_keys
@@ -30,7 +31,8 @@ class TKIModel(BaseTuner):
 
     prefix: str = "tki_"
     tuner_layer_cls = TKILayer
-    target_module_mapping: dict[str, list[str]] = {}
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    """A shared LoRA without ``target_modules`` (``None``) targets what PEFT's LoRA targets for the architecture."""
 
     def _pre_injection_hook(self, model: nn.Module, config: LatentLoraConfig, adapter_name: str) -> None:
         self.tki_keys = BufferDict({}, persistent=True)
