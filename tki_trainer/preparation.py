@@ -8,23 +8,30 @@ the routing columns (query embeddings, group ids) and the prior-input store of K
 from __future__ import annotations
 
 import functools
+import logging
 import os
 from typing import Any
 
 from datasets import Dataset
+from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from .data.formats import CONTENT_COLUMNS, messages_to_prompt_completion, with_ids
 from .data.queries import add_query_embeddings
 from .embedded import load_query_encoder
+from .presets import shared_lora_config
 from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
 from .retrieval import hashed_group
-from .tuner import LatentLoraConfig
+from .tuner import LatentLoraConfig, TKIModel
+
+
+logger = logging.getLogger(__name__)
 
 
 __all__ = [
+    "adapter_config",
     "as_prompt_completion",
     "prior_input_store",
     "prompt_hashes",
@@ -60,6 +67,48 @@ def as_prompt_completion(dataset: Dataset, name: str = "train", id_column: str =
                     "needs a prompt to optimise and a target to reach), or set kr=False."
                 )
     return dataset
+
+
+def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datasets: list[Any]) -> PeftConfig | None:
+    """The adapter the trainer builds (None: ``model`` already holds one). With ``lta`` a TKI adapter: the given
+    one, one built from a `LoraConfig` (logged), or the paper's, its ``key_dim`` from the query embeddings the
+    ``datasets`` hold or from the encoder; without, the given LoRA or the paper's."""
+    if isinstance(model, PeftModel):
+        if args.lta and not any(isinstance(m, TKIModel) for m in model.modules()):
+            raise ValueError(
+                "lta=True needs a model holding the TKI tuner; this PeftModel holds another adapter type: pass "
+                "the base model with a peft_config, or set lta=False."
+            )
+        return None
+    if not args.lta:
+        if isinstance(peft_config, LatentLoraConfig):
+            raise ValueError(
+                "lta=False with a LatentLoraConfig leaves its bank without routing: pass a peft.LoraConfig, or "
+                "leave peft_config unset for the paper's LoRA."
+            )
+        return peft_config or shared_lora_config()
+    if peft_config is not None and not isinstance(peft_config, (LatentLoraConfig, LoraConfig)):
+        raise ValueError(
+            f"lta=True builds the TKI adapter from a LoraConfig or a LatentLoraConfig, not a "
+            f"{type(peft_config).__name__}: pass one of those, or set lta=False."
+        )
+    if isinstance(peft_config, LatentLoraConfig):
+        return peft_config
+    datasets = [d for ds in datasets for d in (ds.values() if isinstance(ds, dict) else [ds]) if d is not None]
+    given = [d for d in datasets if args.query_embedding_column in d.column_names]
+    if given:
+        key_dim, encoder = len(given[0][0][args.query_embedding_column]), None
+    else:
+        key_dim, encoder = query_encoder(args.query_encoder).get_embedding_dimension(), args.query_encoder
+    bank = dict(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
+    built = LatentLoraConfig.from_lora_config(peft_config or shared_lora_config(), **bank)
+    logger.info(
+        "lta=True: training a TKI adapter with the shared LoRA (r=%d, alpha=%g, on %s) and a bank of C=%d x Q=%d "
+        "latent tasks (k=%d, rank %d on %s), key_dim %d",
+        built.r, built.lora_alpha, built.target_modules, built.num_groups, built.keys_per_group, built.top_k,
+        built.latent_r, sorted(built.latent_target_modules), built.key_dim,
+    )  # fmt: skip
+    return built
 
 
 def with_routing_columns(

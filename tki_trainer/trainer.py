@@ -9,14 +9,13 @@ gradient projection (`backward_plan`, `pcgrad`), the card and the push (`hub`). 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
-from peft import LoraConfig, PeftConfig, PeftModel
+from peft import PeftConfig, PeftModel
 from torch.nn.utils.rnn import pad_sequence
 from transformers import PreTrainedModel
 from trl import SFTTrainer
@@ -29,15 +28,13 @@ from .config import TKIConfig
 from .hub import evaluation_table, push_adapter, render_model_card, training_summary, write_model_card
 from .optim import LazyAdamW, clip_grad_norm
 from .pcgrad import PCGradAccumulator
-from .presets import shared_lora_config
-from .reinstatement import PriorInputStore, optimize_prior_inputs
+from .reinstatement import PriorInputStore
 from .reinstatement.objective import Objectives, reinstatement_objectives
+from .reinstatement.stage1 import adapters_disabled, on_the_fly_deltas
 from .retrieval import usage_entropy
-from .tuner import LatentLoraConfig, TKIModel, export_lora, route
+from .tuner import export_lora, route
 from .tuner.model import find_tuner
 
-
-logger = logging.getLogger(__name__)
 
 CACHE_DIR = "_tki_cache"
 """Under ``output_dir``: computed query embeddings and prior inputs. ``push_to_hub`` skips ``_*`` paths."""
@@ -80,7 +77,7 @@ class TKITrainer(SFTTrainer):
                 "example: subclass TKITrainer instead, use loss_type='dft', or set kr=False."
             )
         self._cache_dir = Path(args.output_dir) / CACHE_DIR
-        peft_config = self._adapter_config(model, args, peft_config, train_dataset, eval_dataset)
+        peft_config = preparation.adapter_config(model, args, peft_config, [train_dataset, eval_dataset])
         train_dataset = self._prepare_rows(train_dataset, args, peft_config, model, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -125,56 +122,6 @@ class TKITrainer(SFTTrainer):
 
     # Construction -------------------------------------------------------------------------------------------------
 
-    def _adapter_config(
-        self,
-        model: Any,
-        args: TKIConfig,
-        peft_config: PeftConfig | None,
-        train_dataset: Dataset | None,
-        eval_dataset: Any,
-    ) -> PeftConfig | None:
-        """The adapter to build: with ``lta`` a TKI adapter (the given one, one built from a `LoraConfig`, or the
-        paper's), its ``key_dim`` from the query embeddings given or the encoder; without, a LoRA."""
-        if isinstance(model, PeftModel):
-            if args.lta and not any(isinstance(m, TKIModel) for m in model.modules()):
-                raise ValueError(
-                    "lta=True needs a model holding the TKI tuner; this PeftModel holds another adapter type: pass "
-                    "the base model with a peft_config, or set lta=False."
-                )
-            return None
-        if not args.lta:
-            if isinstance(peft_config, LatentLoraConfig):
-                raise ValueError(
-                    "lta=False with a LatentLoraConfig leaves its bank without routing: pass a peft.LoraConfig, or "
-                    "leave peft_config unset for the paper's LoRA."
-                )
-            return peft_config or shared_lora_config()
-        if peft_config is not None and not isinstance(peft_config, (LatentLoraConfig, LoraConfig)):
-            raise ValueError(
-                f"lta=True builds the TKI adapter from a LoraConfig or a LatentLoraConfig, not a "
-                f"{type(peft_config).__name__}: pass one of those, or set lta=False."
-            )
-        if isinstance(peft_config, LatentLoraConfig):
-            return peft_config
-        datasets = [train_dataset, *(eval_dataset.values() if isinstance(eval_dataset, dict) else [eval_dataset])]
-        given = [d for d in datasets if d is not None and args.query_embedding_column in d.column_names]
-        if given:
-            key_dim, encoder = len(given[0][0][args.query_embedding_column]), None
-        else:
-            key_dim, encoder = (
-                preparation.query_encoder(args.query_encoder).get_embedding_dimension(),
-                args.query_encoder,
-            )
-        bank = dict(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
-        built = LatentLoraConfig.from_lora_config(peft_config or shared_lora_config(), **bank)
-        logger.info(
-            "lta=True: training a TKI adapter with the shared LoRA (r=%d, alpha=%g, on %s) and a bank of C=%d x Q=%d "
-            "latent tasks (k=%d, rank %d on %s), key_dim %d",
-            built.r, built.lora_alpha, built.target_modules, built.num_groups, built.keys_per_group, built.top_k,
-            built.latent_r, sorted(built.latent_target_modules), built.key_dim,
-        )  # fmt: skip
-        return built
-
     def _prepare_rows(
         self, dataset: Dataset | None, args: TKIConfig, config: PeftConfig | None, model: Any, name: str
     ) -> Dataset | None:
@@ -207,7 +154,7 @@ class TKITrainer(SFTTrainer):
     def _prior_input_store(self, rows: Dataset) -> PriorInputStore:
         """The training rows' prior inputs, computed with the base model (adapters off) if no store was given."""
         model = self.accelerator.unwrap_model(self.model)
-        with _adapters_disabled(model):
+        with adapters_disabled(model):
             return preparation.prior_input_store(
                 model,
                 self.processing_class,
@@ -268,22 +215,7 @@ class TKITrainer(SFTTrainer):
         device = inputs["input_ids"].device
         if self._store is not None:
             return pad_sequence([self._store.load_delta(i) for i in example_ids], batch_first=True).to(device)
-        labels = inputs["labels"]
-        prompt_lengths = (labels != -100).int().argmax(dim=1)
-        unwrapped = self.accelerator.unwrap_model(model)
-        was_training = unwrapped.training
-        unwrapped.eval()  # as compute_prior_inputs runs it: no dropout in stage 1
-        with _adapters_disabled(unwrapped), torch.enable_grad():
-            result = optimize_prior_inputs(
-                unwrapped,
-                inputs["input_ids"],
-                inputs["attention_mask"],
-                labels,
-                prompt_lengths,
-                self.args.prior_input_config,
-            )
-        unwrapped.train(was_training)
-        return (result.embeddings - result.initial).detach()
+        return on_the_fly_deltas(self.accelerator.unwrap_model(model), inputs, self.args.prior_input_config)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Route the micro-batch for its forward and backward passes (activation checkpointing recomputes layers
@@ -480,10 +412,3 @@ def _output_of(module: torch.nn.Module) -> Iterator[list[Any]]:
         yield outputs
     finally:
         handle.remove()
-
-
-@contextlib.contextmanager
-def _adapters_disabled(model: torch.nn.Module) -> Iterator[None]:
-    """The base model's behaviour for stage 1 (prior inputs belong to the model before fine-tuning)."""
-    with model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext():
-        yield

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
@@ -297,3 +297,27 @@ def compute_prior_inputs(
     store = PriorInputStore(output_dir)
     logger.info("KR stage 1 done: %s", store.summary())
     return store
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module) -> Iterator[None]:
+    """The base model's behaviour for stage 1 (prior inputs belong to the model before fine-tuning)."""
+    with model.disable_adapter() if isinstance(model, PeftModel) else nullcontext():
+        yield
+
+
+def on_the_fly_deltas(model: nn.Module, inputs: dict[str, torch.Tensor], config: PriorInputConfig) -> torch.Tensor:
+    """Stage 1 on one collated training batch, with the base model (adapters off, no dropout, as
+    `compute_prior_inputs` runs it): ``q - e`` [batch, prompt_tokens, hidden], for ``prior_inputs_mode="on_the_fly"``."""
+    labels = inputs["labels"]
+    prompt_lengths = (labels != -100).int().argmax(dim=1)
+    was_training = model.training
+    model.eval()
+    try:
+        with adapters_disabled(model), torch.enable_grad():
+            result = optimize_prior_inputs(
+                model, inputs["input_ids"], inputs["attention_mask"], labels, prompt_lengths, config
+            )
+    finally:
+        model.train(was_training)
+    return (result.embeddings - result.initial).detach()
