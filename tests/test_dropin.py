@@ -10,6 +10,7 @@ import torch
 from peft import PeftModel
 
 from conftest import tiny_llama, tiny_tokenizer
+from test_trainer import ROWS as ROWS_OF_TEST_TRAINER
 from tki_trainer.embedded import ENCODER_PACKAGE, _package_dir
 
 
@@ -49,14 +50,7 @@ trainer.save_model()
 
 SCRIPTS = {"prompt_completion": PROMPT_COMPLETION, "messages_with_eval": MESSAGES_WITH_EVAL}
 
-ROWS = [
-    ("The island is", " an island of land."),
-    ("Paris is the capital of", " France."),
-    ("Answer: yes or no.", " yes"),
-    ("The capital of France is", " Paris."),
-    ("Is land an island?", " no"),
-    ("Paris is", " the capital of France."),
-]
+ROWS = ROWS_OF_TEST_TRAINER[:6]
 
 
 def messages(prompt, completion):

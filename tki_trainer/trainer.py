@@ -85,7 +85,6 @@ class TKITrainer(SFTTrainer):
             }
         else:
             eval_dataset = self._prepare_rows(eval_dataset, args, peft_config, model, "eval")
-        raw_train = train_dataset
         super().__init__(
             model=model,
             args=args,
@@ -100,7 +99,7 @@ class TKITrainer(SFTTrainer):
                 "The MoE auxiliary loss is a batch-level term that knowledge reinstatement cannot compare per example: "
                 "set router_aux_loss_coef=0.0, or kr=False."
             )
-        self._store = self._prior_input_store(raw_train) if args.kr and args.prior_inputs_mode == "store" else None
+        self._store = self._prior_input_store(train_dataset) if args.kr and args.prior_inputs_mode == "store" else None
         self.data_collator = TKICollator(
             base=self.data_collator,
             query_column=args.query_embedding_column if args.lta else None,
@@ -236,6 +235,8 @@ class TKITrainer(SFTTrainer):
         """`Trainer.training_step` with the backward passes of the micro-batch's `BackwardPlan`, scaled as the
         Trainer scales its one backward."""
         model.train()
+        if callable(getattr(self.optimizer, "train", None)):  # schedule-free optimizers, as the Trainer does
+            self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         scale = self._gradient_scale(num_items_in_batch)
         capture = self._capture if self._capture.supported and inputs["input_ids"].shape[0] > 1 else None
