@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
-from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM
+from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
 
@@ -272,3 +272,21 @@ def test_check_refuses_a_store_computed_with_other_stage1_settings(tmp_path):
         asked = PriorInputConfig(**{**computed.to_dict(), **changed})
         with pytest.raises(ValueError, match=f"other stage-1 settings: {re.escape(message)}[;.]"):
             store.check(model, tokenizer, hashes, settings=asked)
+
+
+class EveryPositionLlama(LlamaForCausalLM):
+    """A causal LM whose forward ignores ``logits_to_keep`` (as remote-code models may) and returns every position."""
+
+    def forward(self, *args, logits_to_keep: int = 0, **kwargs):
+        return super().forward(*args, **kwargs)
+
+
+def test_stage1_is_the_same_for_a_model_that_returns_every_positions_logits():
+    model = tiny_llama()
+    every_position = EveryPositionLlama(model.config).eval()
+    every_position.load_state_dict(model.state_dict())
+    batch = collated_batch(tiny_tokenizer())
+    kept = optimize_prior_inputs(model, *batch, FAST)
+    full = optimize_prior_inputs(every_position, *batch, FAST)
+    torch.testing.assert_close(full.ce_initial, kept.ce_initial)
+    torch.testing.assert_close(full.embeddings, kept.embeddings)

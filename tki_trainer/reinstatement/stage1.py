@@ -27,7 +27,6 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
-from trl.trainer.utils import add_fused_lm_head
 
 from ..data.formats import check_prompt_completion_rows
 from ..data.tokenization import tokenize_row, truncate_row
@@ -98,31 +97,23 @@ class PriorInputs:
     """[batch] |q - e| / |e| over the prompt tokens."""
 
 
-@contextmanager
-def fused_lm_head(model: nn.Module) -> Iterator[nn.Module]:
-    """The causal LM in ``model`` (PEFT's base model when wrapped) with TRL's fused LM head, added as `SFTTrainer`
-    adds it, for the block: its forward with ``fused_lm_head=True`` returns the per-token log-probabilities that
-    training's loss is made of (the model's soft-capping and logit scaling included). Its forward is put back
-    afterwards, TRL's own patch included."""
-    lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    previous = lm.__dict__.get("forward")
-    add_fused_lm_head(lm)
-    try:
-        yield lm
-    finally:
-        if previous is None:
-            del lm.forward
-        else:
-            lm.forward = previous
-
-
 def completion_cross_entropy(
-    lm: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
+    model: nn.Module, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor
 ) -> torch.Tensor:
-    """Mean token cross-entropy of each row's labelled tokens, [batch], computed as `SFTTrainer.compute_loss` does
-    (``lm`` from `fused_lm_head`), so that stage 1 lowers the cross-entropy training measures."""
-    outputs = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, labels=labels, fused_lm_head=True)
-    return -outputs.log_probs.sum(dim=1) / outputs.label_mask.sum(dim=1).clamp(min=1)
+    """Mean token cross-entropy of each row's labelled tokens, [batch], from the model's own forward, so that stage
+    1 lowers the cross-entropy training measures: its LM head with any soft-capping or logit scaling. Logits are
+    kept only from the batch's first labelled position on (``logits_to_keep``): most of a row is prompt, and a head
+    over every position would cost stage 1 half again as much on a CPU (bench/results/speed.md). A model that
+    ignores ``logits_to_keep`` returns every position, and the same slice holds."""
+    targets = labels[:, 1:]
+    labelled = targets != -100
+    start = int(labelled.any(dim=0).int().argmax())
+    kept = targets.shape[1] - start + 1
+    lm = model.get_base_model() if isinstance(model, PeftModel) else model
+    outputs = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=kept, use_cache=False)
+    logits = outputs.logits[:, -kept:-1].float()
+    token_ce = F.cross_entropy(logits.transpose(1, 2), targets[:, start:], reduction="none")
+    return token_ce.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
 
 
 def wasserstein(q: torch.Tensor, e: torch.Tensor, method: str, reg: float) -> torch.Tensor:
@@ -161,26 +152,25 @@ def optimize_prior_inputs(
     q = nn.Parameter(original.clone())
     optimizer = torch.optim.Adam([q], lr=config.learning_rate)
 
-    def objective(lm: nn.Module) -> torch.Tensor:
+    def objective() -> torch.Tensor:
         inputs = torch.where(prompt_mask, F.pad(q, (0, 0, 0, input_ids.shape[1] - width)), embedded)
-        return completion_cross_entropy(lm, inputs, attention_mask, labels)
+        return completion_cross_entropy(model, inputs, attention_mask, labels)
 
-    with fused_lm_head(model) as lm:
-        for step in range(config.steps):
-            ce = objective(lm)
-            if step == 0:
-                ce_initial = ce.detach()
-            loss = ce.sum()
-            if config.wasserstein_weight:
-                distances = [
-                    wasserstein(q[i, :n], original[i, :n], config.wasserstein, config.sinkhorn_reg)
-                    for i, n in enumerate(prompt_lengths.tolist())
-                ]
-                loss = loss + config.wasserstein_weight * torch.stack(distances).sum().to(loss.dtype)
-            (q.grad,) = torch.autograd.grad(loss, [q])
-            optimizer.step()
-        with torch.no_grad():
-            ce_final = objective(lm)
+    for step in range(config.steps):
+        ce = objective()
+        if step == 0:
+            ce_initial = ce.detach()
+        loss = ce.sum()
+        if config.wasserstein_weight:
+            distances = [
+                wasserstein(q[i, :n], original[i, :n], config.wasserstein, config.sinkhorn_reg)
+                for i, n in enumerate(prompt_lengths.tolist())
+            ]
+            loss = loss + config.wasserstein_weight * torch.stack(distances).sum().to(loss.dtype)
+        (q.grad,) = torch.autograd.grad(loss, [q])
+        optimizer.step()
+    with torch.no_grad():
+        ce_final = objective()
     q = q.detach()
     original = original.detach()
     mask = prompt_mask[:, :width]
