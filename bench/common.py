@@ -15,8 +15,10 @@ from tki_trainer.presets import prior_input_config
 
 
 RESULTS = Path(__file__).parent / "results"
-P3 = Path(__file__).resolve().parents[2] / "shared" / "data" / "p3"
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 """The shared data folder beside the repository."""
+P3 = SHARED_DATA / "p3"
+SNI = SHARED_DATA / "sni"
 STAGE1 = prior_input_config("embedded")
 """KR stage 1 of the embedded preset (recipes/sni_llama.py)."""
 LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "sentence-transformers", "tki-trainer")

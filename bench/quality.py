@@ -1,18 +1,25 @@
-"""Does TKI generalise better than LoRA SFT to unseen tasks? The paper's comparison, on the embedded model.
+"""Does TKI generalise to unseen tasks better than what a user would run instead? The paper's protocol, in small.
 
-Train on a fixed subset of the P3 train clusters; evaluate greedy answers on the held-out clusters of
-``shared/data/p3`` (tasks never seen in training) and on a fixed list of BIG-bench tasks (out of domain, as the
-paper uses FLAN). Configurations: the base model, LoRA SFT, full TKI, and TKI without LTA, without KR and
-without PCGrad. SFT and TKI each get the same learning-rate search (lr and (1 + alpha) lr, since
-``L_sft + alpha L_reinst`` with q close to x is a larger step), chosen on a validation split of the train
-clusters; the chosen rates then run three seeds; ablations run at TKI's rate. KR stage 1 runs once.
+Train the embedded model on a subset of the SNI train tasks of ``shared/data/sni`` (Tk-Instruct's definition and
+positive examples, fitted into MAX_LENGTH tokens with the definition kept) for EPOCHS epochs; choose each method's
+learning rate on validation tasks cut from the train list; test greedy answers on the SNI test tasks (unseen tasks
+of SNI's default split, the paper's Table 1 left half), on the P3 held-out clusters and on BIG-bench tasks (out of
+domain, as the paper uses FLAN).
 
-    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py
+Rows: the base model and SNI's copy-demo heuristic (no training); LoRA SFT, SFT + NEFTune, SFT + DFT and a LoRA
+with as many trainable parameters as TKI uses per example, all trained by `trl.SFTTrainer` itself; TKI, TKI
+without LTA (KR only), without KR (LTA only), without PCGrad, and with random routing (the same bank, each row
+routed by a random query instead of its own). Every trained row runs the same learning-rate search at seed 0, then
+seeds 1 and 2 at its chosen rate; the report pairs every difference by seed and by example. KR stage 1 runs once
+per reading of its settings (STAGE1_READINGS); the report tabulates, per epoch, what each reading does in training.
+
+    MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py [--methods sft tki ...]
 
 Every finished piece (a training run, an evaluation) is saved at once under ``bench/results/quality/``, so the
 command resumes where an interrupted run stopped; ``--report`` only rebuilds the tables and plots;
-``--reproduce <run>`` reruns one finished run from nothing and the report compares the two. Work files
-(adapters, stage-1 store, predictions) live under ``--work_dir``.
+``--reproduce <run>`` retrains one finished run from nothing and the report compares the two. Adapters (one per
+epoch), stage-1 stores and predictions live under ``--work_dir``. On a machine with CUDA the same command trains
+and generates there (float32 on both, so only the times differ).
 """
 
 from __future__ import annotations
@@ -25,39 +32,49 @@ import time
 from collections import defaultdict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets
+import torch.nn.functional as F
+from datasets import Dataset
 from peft import PeftModel
+from torch import nn
+from trl import SFTConfig, SFTTrainer
 
-from common import P3, RESULTS, STAGE1, write_results
+from common import P3, RESULTS, SNI, STAGE1, write_results
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lora_config, load_embedded_model
-from tki_trainer._io import staged_directory, staged_file
+from tki_trainer._io import staged_file
 from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import (
     add_query_embeddings,
     as_conversational,
+    balanced_subset,
     fit_prompts,
+    fit_sni_prompts,
     group_references,
     load_bigbench,
     load_p3,
+    load_sni,
+    sni_splits,
 )
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.evaluation.comparison import paired_bootstrap
+from tki_trainer.evaluation.heuristics import heuristic_predictions
 from tki_trainer.presets import shared_lora_config
-from tki_trainer.retrieval import retrieve
-from tki_trainer.tuner.model import find_tuner
+from tki_trainer.reinstatement import PriorInputConfig
 
 
 RUNS = RESULTS / "quality"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 MAX_LENGTH = 256
-TRAIN_ROWS = 256
-VALIDATION_PROMPTS = 128
-HELDOUT_PER_CLUSTER = 300
+TRAIN_ROWS = 128
+VALIDATION_TASKS = 6
+VALIDATION_PROMPTS = 48
+SNI_TEST_PROMPTS = 96
+P3_PROMPTS = 60
 BIGBENCH_TASKS = (
     "tense",
     "object_counting",
@@ -66,70 +83,138 @@ BIGBENCH_TASKS = (
     "date_understanding",
     "similarities_abstraction",
 )
-BIGBENCH_PER_TASK = 30
-ALPHA = 1.0
+BIGBENCH_PER_TASK = 10
 BATCH = 4
-LEARNING_RATES = (2e-4, (1 + ALPHA) * 2e-4)
+EPOCHS = 3
+LEARNING_RATES = (1e-4, 3e-4)
 SEEDS = (0, 1, 2)
-SWITCHES = {
-    "sft": dict(lta=False, kr=False, pcgrad=False),
-    "tki": dict(lta=True, kr=True, pcgrad=True),
-    "tki_no_lta": dict(lta=False, kr=True, pcgrad=True),
-    "tki_no_kr": dict(lta=True, kr=False, pcgrad=False),
-    "tki_no_pcgrad": dict(lta=True, kr=True, pcgrad=False),
+NEFTUNE_ALPHA = 5.0
+"""The value TRL's documentation shows for ``neftune_noise_alpha``."""
+TEST_SETS = {"sni": "category", "p3": "cluster", "bigbench": "task"}
+"""Test set -> the column results are reported (and generation batched) by."""
+CURVE_SETS = {"validation": "task", "sni": "category"}
+STAGE1_READINGS = {
+    "embedded": STAGE1,
+    "paper": PriorInputConfig.paper(),
+    "away": replace(STAGE1, wasserstein_weight=-1.0),
 }
-ABLATIONS = tuple(method for method in SWITCHES if method not in ("sft", "tki"))
-TEST_SETS = {"heldout": "cluster", "bigbench": "task"}
-TRAINING_LOGS = (
-    "loss_sft",
-    "loss_reinst",
-    "reinst_q_win_rate",
-    "pcgrad_conflict_rate",
-    "pcgrad_cosine",
-    "latent_usage_entropy",
-)
+"""KR stage 1 as the embedded preset runs it (the default), as the paper sets it (3 steps at lr 5e-6, which barely
+moves q), and with the Wasserstein term pushing q away from the prompt, so that q is another input that still
+yields the target."""
+TRAINING_LOGS = ("loss_sft", "loss_reinst", "reinst_q_win_rate", "pcgrad_conflict_rate", "pcgrad_cosine")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the table: what trains it (`trl.SFTTrainer`, `TKITrainer` or nothing) and how."""
+
+    label: str
+    trainer: str | None = None
+    switches: dict = field(default_factory=dict)
+    sft_args: dict = field(default_factory=dict)
+    matched_rank: bool = False
+    random_routing: bool = False
+
+
+ALL_ON = dict(lta=True, kr=True, pcgrad=True)
+METHODS = {
+    "base": Method("base model"),
+    "copy_demo": Method("copy demo (SNI heuristic)"),
+    "sft": Method("LoRA SFT", "sft"),
+    "tki": Method("TKI", "tki", ALL_ON),
+    "sft_neftune": Method(
+        f"SFT + NEFTune (alpha {NEFTUNE_ALPHA:g})", "sft", sft_args={"neftune_noise_alpha": NEFTUNE_ALPHA}
+    ),
+    "tki_no_kr": Method("LTA only (TKI without KR)", "tki", dict(lta=True, kr=False, pcgrad=False)),
+    "tki_no_lta": Method("KR only (TKI without LTA)", "tki", dict(lta=False, kr=True, pcgrad=True)),
+    "tki_random_routing": Method("TKI, random routing", "tki", ALL_ON, random_routing=True),
+    "sft_matched": Method("LoRA SFT, TKI's parameters per example", "sft", matched_rank=True),
+    "sft_dft": Method("SFT + DFT (loss_type='dft')", "sft", sft_args={"loss_type": "dft"}),
+    "tki_no_pcgrad": Method("TKI without PCGrad", "tki", dict(lta=True, kr=True, pcgrad=False)),
+}
+"""In the order the table is filled when time runs short (the issue's order)."""
+TRAINED = tuple(name for name, method in METHODS.items() if method.trainer)
+CURVE_METHODS = ("sft", "tki")
+"""Methods whose SNI test score is measured after every epoch (the learning curves)."""
 
 
 class Data:
-    """The fixed splits, fitted into MAX_LENGTH tokens, with query embeddings."""
+    """The fixed splits, fitted into MAX_LENGTH tokens, with query embeddings; ``fits`` says how prompts were cut."""
 
     def __init__(self, tokenizer, work_dir: Path, bigbench: Path) -> None:
-        encoder = load_embedded_encoder()
-        cache = work_dir / "queries"
-        train_file = P3 / "train.jsonl.gz"
-        train = load_p3(train_file, limit=TRAIN_ROWS, seed=0, conversational=True)
-        self.train, self.train_fit = fit_prompts(train, tokenizer, MAX_LENGTH)
-        used = set(train["id"])
-        rest = load_p3(train_file, seed=1).filter(lambda i: i not in used, input_columns="id")
-        validation = group_references(rest.select(range(4 * VALIDATION_PROMPTS)))
-        validation = as_conversational(validation.select(range(min(VALIDATION_PROMPTS, len(validation)))))
-        held = group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0))
-        per_cluster = [
-            held.filter(lambda c, name=name: c == name, input_columns="cluster")
-            for name in sorted(held.unique("cluster"))
-        ]
-        held = concatenate_datasets([part.select(range(min(HELDOUT_PER_CLUSTER, len(part)))) for part in per_cluster])
+        splits = sni_splits(SNI, VALIDATION_TASKS, seed=0)
+        self.fits: dict[str, dict] = {}
+
+        def sni(split: str, column: str, total: int) -> Dataset:
+            rows, report = fit_sni_prompts(load_sni(SNI, splits[split], conversational=True), tokenizer, MAX_LENGTH)
+            self.fits[split] = asdict(report)
+            return balanced_subset(rows, column, total, seed=0)
+
+        def other(name: str, rows: Dataset, column: str, total: int | None) -> Dataset:
+            rows, report = fit_prompts(as_conversational(rows), tokenizer, MAX_LENGTH)
+            self.fits[name] = asdict(report)
+            return balanced_subset(rows, column, total, seed=0)
+
         sets = {
-            "validation": validation,
-            "heldout": as_conversational(held),
-            "bigbench": load_bigbench(bigbench, BIGBENCH_TASKS, max_examples=BIGBENCH_PER_TASK, conversational=True),
+            "train": sni("train", "task", TRAIN_ROWS),
+            "validation": sni("validation", "task", VALIDATION_PROMPTS),
+            "sni": sni("test", "category", SNI_TEST_PROMPTS),
+            "p3": other("p3", group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0)), "cluster", P3_PROMPTS),
+            "bigbench": other(
+                "bigbench", load_bigbench(bigbench, BIGBENCH_TASKS, max_examples=BIGBENCH_PER_TASK), "task", None
+            ),
         }
-        self.fits = {"train": asdict(self.train_fit)}
-        self.train = add_query_embeddings(self.train, encoder, cache_dir=cache)
-        self.eval: dict[str, Dataset] = {}
-        for name, dataset in sets.items():
-            fitted, fit = fit_prompts(dataset, tokenizer, MAX_LENGTH)
-            self.fits[name] = asdict(fit)
-            self.eval[name] = add_query_embeddings(fitted, encoder, cache_dir=cache)
+        encoder = load_embedded_encoder()
+        sets = {
+            name: add_query_embeddings(rows, encoder, cache_dir=work_dir / "queries") for name, rows in sets.items()
+        }
+        self.train = sets.pop("train")
+        self.eval = sets
 
 
-def run_name(method: str, lr: float, seed: int) -> str:
-    return f"{method}-lr{lr:g}-s{seed}"
+def random_queries(dataset: Dataset, seed: int) -> Dataset:
+    """The rows with each query embedding replaced by a seeded random unit vector: retrieval then ignores what the
+    prompt says, and the bank, its training and its blending stay as they are."""
+    width = len(dataset[0]["query_embedding"])
+    queries = F.normalize(torch.randn(len(dataset), width, generator=torch.Generator().manual_seed(seed)), dim=1)
+    return dataset.remove_columns("query_embedding").add_column("query_embedding", queries.tolist())
+
+
+def linear_widths(model: nn.Module) -> dict[str, int]:
+    """``in + out`` features of every linear layer but the output head (PEFT's "all-linear"): a rank-r LoRA on
+    a layer holds r times that many parameters."""
+    head = model.get_output_embeddings()
+    return {
+        name: module.in_features + module.out_features
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
+    }
+
+
+def parameters_per_example(model: nn.Module) -> dict[str, int]:
+    """Trainable parameters one example's forward uses: the r=8 shared LoRA alone (SFT), that plus its top-k latent
+    LoRAs (TKI), and the rank of a plain all-linear LoRA that comes closest to TKI's count."""
+    widths = linear_widths(model)
+    tki = embedded_lora_config()
+    shared = tki.r * sum(widths.values())
+    latent = tki.latent_r * sum(
+        w for name, w in widths.items() if name.rsplit(".", 1)[-1] in tki.latent_target_modules
+    )
+    per_example = shared + tki.top_k * latent
+    rank = round(per_example / sum(widths.values()))
+    return {"sft": shared, "tki": per_example, "matched_rank": rank, "matched": rank * sum(widths.values())}
+
+
+def run_name(method: str, lr: float, seed: int, reading: str = "embedded") -> str:
+    suffix = "" if reading == "embedded" else f"-{reading}"
+    return f"{method}-lr{lr:g}-s{seed}{suffix}"
 
 
 def load_record(name: str, runs: Path = RUNS) -> dict:
+    """A saved run (the run it stands for, when it is the same model as another: see `stand_in`)."""
     path = runs / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    record = json.loads(path.read_text()) if path.is_file() else {}
+    return load_record(record["same_as"], runs) if "same_as" in record else record
 
 
 def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
@@ -137,75 +222,154 @@ def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
         staging.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def train(method: str, lr: float, seed: int, data: Data, store: Path | None, work_dir: Path) -> dict:
-    """Train one configuration; save its adapter under the work dir and return what training logged."""
-    model, tokenizer = load_embedded_model()
-    switches = SWITCHES[method]
-    peft_config = embedded_lora_config() if switches["lta"] else shared_lora_config("embedded")
-    output_dir = work_dir / "runs" / run_name(method, lr, seed)
-    args = TKIConfig(
-        output_dir=str(output_dir),
-        learning_rate=lr,
-        seed=seed,
-        per_device_train_batch_size=BATCH,
-        num_train_epochs=1,
-        max_length=MAX_LENGTH,
-        use_cpu=True,
-        bf16=False,
-        activation_checkpointing=False,
-        report_to="none",
-        logging_steps=4,
-        save_strategy="no",
-        reinstatement_alpha=ALPHA,
-        prior_inputs_dir=str(store) if switches["kr"] else None,
-        dataset_num_proc=None,
-        **switches,
-        **prior_input_arguments(STAGE1),
-    )
-    trainer = TKITrainer(
-        model, args=args, train_dataset=data.train, processing_class=tokenizer, peft_config=peft_config
-    )
-    start = time.time()
-    trainer.train()
-    seconds = time.time() - start
-    model = trainer.model
-    with staged_directory(output_dir / "adapter") as staging:
-        model.save_pretrained(str(staging))
-    record = {"seconds": seconds, "steps": trainer.state.global_step, "log_history": trainer.state.log_history}
-    if switches["lta"]:
-        record["latent_usage"] = latent_usage(model, trainer.train_dataset)
-    return record
+class Bench:
+    """The data, the stage-1 stores (made when a run first needs one) and the work folder of one invocation."""
+
+    def __init__(self, work_dir: Path, bigbench: str | None, runs: Path = RUNS) -> None:
+        self.work_dir, self.runs = work_dir, runs
+        work_dir.mkdir(parents=True, exist_ok=True)
+        runs.mkdir(parents=True, exist_ok=True)
+        model, tokenizer = load_embedded_model()
+        self.parameters = parameters_per_example(model)
+        self.data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
+        self.stores: dict[str, Path] = {}
+
+    def store(self, reading: str) -> Path:
+        """The prior-input store of one stage-1 reading, computed once (resumable) with its summary saved."""
+        if reading not in self.stores:
+            model, tokenizer = load_embedded_model()
+            started = time.time()
+            store = compute_prior_inputs(
+                model.to(DEVICE),
+                tokenizer,
+                self.data.train,
+                self.work_dir / f"prior_inputs-{reading}",
+                config=STAGE1_READINGS[reading],
+                max_length=MAX_LENGTH,
+            )
+            summary_file = self.runs / f"stage1-{reading}.json"
+            if not summary_file.is_file():
+                summary = {**store.summary(), "seconds": time.time() - started, **STAGE1_READINGS[reading].to_dict()}
+                summary_file.write_text(json.dumps(summary, indent=1) + "\n")
+            self.stores[reading] = store.path
+        return self.stores[reading]
+
+    def train(self, name: str, method: str, lr: float, seed: int, reading: str) -> dict:
+        """Train one configuration, saving its adapter after every epoch; return what training logged."""
+        spec = METHODS[method]
+        model, tokenizer = load_embedded_model()
+        args = dict(
+            output_dir=str(self.work_dir / "runs" / name),
+            learning_rate=lr,
+            seed=seed,
+            per_device_train_batch_size=BATCH,
+            num_train_epochs=EPOCHS,
+            max_length=MAX_LENGTH,
+            use_cpu=DEVICE == "cpu",
+            bf16=False,
+            activation_checkpointing=False,
+            report_to="none",
+            logging_steps=4,
+            save_strategy="epoch",
+            save_only_model=True,
+            dataset_num_proc=None,
+            **spec.sft_args,
+        )
+        if spec.trainer == "sft":
+            peft_config = shared_lora_config("embedded")
+            if spec.matched_rank:
+                rank = self.parameters["matched_rank"]
+                peft_config = replace(peft_config, r=rank, lora_alpha=peft_config.lora_alpha * rank // peft_config.r)
+            trainer = SFTTrainer(
+                model,
+                args=SFTConfig(**args),
+                train_dataset=self.data.train.select_columns(["prompt", "completion"]),
+                processing_class=tokenizer,
+                peft_config=peft_config,
+            )
+        else:
+            kr = spec.switches["kr"]
+            config = TKIConfig(
+                **args,
+                **spec.switches,
+                prior_inputs_dir=str(self.store(reading)) if kr else None,
+                **prior_input_arguments(STAGE1_READINGS[reading]),
+            )
+            rows = random_queries(self.data.train, seed) if spec.random_routing else self.data.train
+            peft_config = embedded_lora_config() if spec.switches["lta"] else shared_lora_config("embedded")
+            trainer = TKITrainer(
+                model, args=config, train_dataset=rows, processing_class=tokenizer, peft_config=peft_config
+            )
+        started = time.time()
+        trainer.train()
+        return {
+            "seconds": time.time() - started,
+            "steps": trainer.state.global_step,
+            "steps_per_epoch": trainer.state.global_step // EPOCHS,
+            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "log_history": trainer.state.log_history,
+        }
+
+    def checkpoint(self, name: str, epoch: int) -> Path:
+        checkpoints = sorted(
+            (self.work_dir / "runs" / name).glob("checkpoint-*"), key=lambda path: int(path.name.split("-")[1])
+        )
+        return checkpoints[epoch - 1] if len(checkpoints) == EPOCHS else Path("missing")
+
+    def ensure(self, method: str, lr: float, seed: int, pieces: tuple[str, ...], reading: str = "embedded") -> dict:
+        """Run whatever of training and the evaluation ``pieces`` (``"sni"``: the final model on the SNI test set,
+        ``"sni@1"``: the model after epoch 1) this configuration lacks, saving each as it ends."""
+        name = run_name(method, lr, seed, reading)
+        record = load_record(name, self.runs)
+        record.setdefault("config", {"method": method, "learning_rate": lr, "seed": seed, "stage1": reading})
+        missing = [piece for piece in pieces if piece not in record.get("eval", {})]
+        if not missing:
+            return record
+        trained = METHODS[method].trainer is not None
+        if trained and ("train" not in record or not self.checkpoint(name, EPOCHS).is_dir()):
+            print(f"== training {name}", flush=True)
+            record["train"] = self.train(name, method, lr, seed, reading)
+            record["eval"], missing = {}, list(pieces)
+            save_record(name, record, self.runs)
+        by_epoch = defaultdict(list)
+        for piece in missing:
+            test, _, epoch = piece.partition("@")
+            by_epoch[int(epoch or EPOCHS)].append((piece, test))
+        for epoch, wanted in sorted(by_epoch.items()):
+            model, tokenizer = load_embedded_model()
+            if trained:
+                model = PeftModel.from_pretrained(model, str(self.checkpoint(name, epoch)))
+            model.to(DEVICE).eval()
+            for piece, test in wanted:
+                print(f"== evaluating {name} on {piece}", flush=True)
+                rows = self.data.eval[test]
+                if METHODS[method].random_routing:
+                    rows = random_queries(rows, 1000 + seed)
+                started = time.time()
+                result = evaluate(model, tokenizer, rows, {**TEST_SETS, **CURVE_SETS}[test])
+                record.setdefault("eval", {})[piece] = {**result, "seconds": time.time() - started}
+                save_record(name, record, self.runs)
+        return record
+
+    def copy_demo(self) -> None:
+        """SNI's copy-demo heuristic on the SNI test prompts, scored like a model (the other sets have no demo)."""
+        if load_record("copy_demo", self.runs):
+            return
+        rows = self.data.eval["sni"]
+        answers = heuristic_predictions(rows, "copy_demo")
+        record = {"config": {"method": "copy_demo", "seed": 0}, "eval": {"sni": scored(answers, rows, "category")}}
+        save_record("copy_demo", record, self.runs)
 
 
-def latent_usage(model: PeftModel, dataset: Dataset) -> dict:
-    """Blend-weight mass and retrieval count per latent task over one epoch of the trainer's training set (its
-    queries and group ids; keys are frozen, so this is exactly what training retrieved)."""
-    tuner = find_tuner(model)
-    config = tuner.peft_config["default"]
-    indices, weights = retrieve(
-        torch.tensor(dataset["query_embedding"]),
-        tuner.tki_keys["default"],
-        config.num_groups,
-        config.top_k,
-        torch.tensor(dataset["group_id"]),
-        blend=config.blend,
-        temperature=config.temperature,
-    )
-    mass = torch.zeros(config.num_latent_tasks, dtype=torch.float64).index_add_(
-        0, indices.flatten(), weights.flatten().double()
-    )
-    count = torch.bincount(indices.flatten(), minlength=config.num_latent_tasks)
-    return {"num_groups": config.num_groups, "mass": mass.tolist(), "count": count.tolist()}
-
-
-def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: Path) -> dict:
-    """Greedy answers (routed when the model holds the bank), corpus scores overall and per group, and each
-    example's scores for the paired comparison."""
-    references, groups, ids = list(dataset["references"]), list(dataset[group]), list(dataset["id"])
-    budgets = answer_budgets(tokenizer, references, groups)
+def evaluate(model, tokenizer, dataset: Dataset, group: str) -> dict:
+    """Greedy answers (routed when the model holds the bank), scored overall, per group and per example."""
+    budgets = answer_budgets(tokenizer, dataset["references"], dataset[group])
     answers = generate_answers(model, tokenizer, dataset, max_new_tokens=budgets, group_column=group, batch_size=8)
-    predictions_file.parent.mkdir(parents=True, exist_ok=True)
-    predictions_file.write_text("".join(json.dumps({"id": i, "prediction": a}) + "\n" for i, a in zip(ids, answers)))
+    return scored(answers, dataset, group)
+
+
+def scored(answers: list[str], dataset: Dataset, group: str) -> dict:
+    references, groups = list(dataset["references"]), list(dataset[group])
     members = defaultdict(list)
     for index, name in enumerate(groups):
         members[name].append(index)
@@ -215,48 +379,10 @@ def evaluate(model, tokenizer, dataset: Dataset, group: str, predictions_file: P
             name: score([answers[i] for i in rows], [references[i] for i in rows])
             for name, rows in sorted(members.items())
         },
-        "ids": ids,
-        "groups": groups,
+        "ids": list(dataset["id"]),
+        "answers": answers,
         "per_example": score_examples(answers, references),
     }
-
-
-def ensure(
-    name: str,
-    method: str,
-    lr: float,
-    seed: int,
-    pieces: tuple[str, ...],
-    data: Data,
-    store: Path | None,
-    work_dir: Path,
-    runs: Path = RUNS,
-) -> dict:
-    """Run whatever of ``train`` and the evaluation ``pieces`` this configuration lacks, saving each as it ends."""
-    record = load_record(name, runs)
-    record.setdefault("config", {"method": method, "learning_rate": lr, "seed": seed, **SWITCHES.get(method, {})})
-    missing = [piece for piece in pieces if piece not in record.get("eval", {})]
-    if not missing:
-        return record
-    adapter = work_dir / "runs" / name / "adapter"
-    if method != "base" and ("train" not in record or not adapter.is_dir()):
-        print(f"== training {name}", flush=True)
-        record["train"] = train(method, lr, seed, data, store, work_dir)
-        save_record(name, record, runs)
-    model, tokenizer = load_embedded_model()
-    if method != "base":
-        model = PeftModel.from_pretrained(model, str(adapter))
-    for piece in missing:
-        print(f"== evaluating {name} on {piece}", flush=True)
-        group = TEST_SETS.get(piece, "cluster")
-        started = time.time()
-        result = evaluate(
-            model, tokenizer, data.eval[piece], group, work_dir / "predictions" / name / f"{piece}.jsonl"
-        )
-        result["seconds"] = time.time() - started
-        record.setdefault("eval", {})[piece] = result
-        save_record(name, record, runs)
-    return record
 
 
 def bigbench_source(work_dir: Path, given: str | None) -> Path:
@@ -265,121 +391,80 @@ def bigbench_source(work_dir: Path, given: str | None) -> Path:
         return Path(given)
     found = sorted(work_dir.glob("bigbench-1.0.0.tar.gz"))
     if not found:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                ":all:",
-                "bigbench==1.0.0",
-                "-d",
-                str(work_dir),
-            ],
-            check=True,
-        )
+        download = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "bigbench==1.0.0"]
+        subprocess.run([*download, "-d", str(work_dir)], check=True)
         found = sorted(work_dir.glob("bigbench-1.0.0.tar.gz"))
     return found[0]
 
 
-def chosen_rate(method: str) -> float:
-    """The learning rate with the best validation ROUGE-L at seed 0."""
-    scores = {lr: load_record(run_name(method, lr, 0))["eval"]["validation"]["all"]["rougeL"] for lr in LEARNING_RATES}
+def chosen_rate(method: str, runs: Path = RUNS) -> float:
+    """The learning rate with the best validation ROUGE-L after the last epoch at seed 0."""
+    scores = {
+        lr: load_record(run_name(method, lr, 0), runs)["eval"]["validation"]["all"]["rougeL"] for lr in LEARNING_RATES
+    }
     return max(scores, key=scores.get)
 
 
-def run(work_dir: Path, bigbench: str | None, ablations: bool) -> None:
-    work_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_embedded_model()
-    data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
-    (RUNS).mkdir(parents=True, exist_ok=True)
-    (RUNS / "data.json").write_text(
+def stand_in(method: str, lr: float, seed: int, runs: Path = RUNS) -> str | None:
+    """TKI's run at the same rate and seed, when ``method`` is TKI without PCGrad and PCGrad found no conflict at any
+    logged step of that run: it then never changed a gradient, and the two are the same model."""
+    if method != "tki_no_pcgrad":
+        return None
+    name = run_name("tki", lr, seed)
+    logs = load_record(name, runs).get("train", {}).get("log_history", [])
+    rates = [entry["pcgrad_conflict_rate"] for entry in logs if "pcgrad_conflict_rate" in entry]
+    return name if rates and max(rates) == 0 else None
+
+
+def ensure_or_stand_in(bench: Bench, method: str, lr: float, seed: int, pieces: tuple[str, ...]) -> None:
+    same = stand_in(method, lr, seed, bench.runs)
+    if same is None:
+        bench.ensure(method, lr, seed, pieces)
+    else:
+        config = {"method": method, "learning_rate": lr, "seed": seed, "stage1": "embedded"}
+        save_record(run_name(method, lr, seed), {"config": config, "same_as": same}, bench.runs)
+
+
+def run(bench: Bench, methods: list[str], readings: bool) -> None:
+    (bench.runs / "data.json").write_text(
         json.dumps(
-            {"fits": data.fits, "sizes": {k: len(v) for k, v in data.eval.items()} | {"train": len(data.train)}},
+            {
+                "fits": bench.data.fits,
+                "sizes": {name: len(rows) for name, rows in bench.data.eval.items()}
+                | {"train": len(bench.data.train)},
+                "parameters_per_example": bench.parameters,
+            },
             indent=1,
         )
         + "\n"
     )
-    store = compute_prior_inputs(
-        model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH
-    )
-    (RUNS / "stage1.json").write_text(json.dumps(store.summary(), indent=1) + "\n")
-    del model
-    args = (data, store.path, work_dir)
     tests = tuple(TEST_SETS)
-    ensure("base", "base", 0.0, 0, tests, *args)
-    for method in ("sft", "tki"):
+    bench.ensure("base", 0.0, 0, (*tests, "validation"))
+    bench.copy_demo()
+    for method in methods:
+        curve = tuple(f"sni@{epoch}" for epoch in range(1, EPOCHS)) if method in CURVE_METHODS else ()
+        search = tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",)
         for lr in LEARNING_RATES:
-            ensure(run_name(method, lr, 0), method, lr, 0, ("validation",), *args)
-    rates = {method: chosen_rate(method) for method in ("sft", "tki")}
-    for method in ("sft", "tki"):
-        ensure(run_name(method, rates[method], 0), method, rates[method], 0, ("validation", *tests), *args)
-    for seed in SEEDS[1:]:
-        for method in ("sft", "tki"):
-            ensure(run_name(method, rates[method], seed), method, rates[method], seed, tests, *args)
-    if ablations:
-        for method in ABLATIONS:
-            ensure(run_name(method, rates["tki"], 0), method, rates["tki"], 0, tests, *args)
+            ensure_or_stand_in(bench, method, lr, 0, search)
+        rate = chosen_rate(method, bench.runs)
+        for seed in SEEDS:
+            ensure_or_stand_in(bench, method, rate, seed, (*tests, *curve))
+    if readings and "tki" in methods:
+        rate = chosen_rate("tki", bench.runs)
+        for reading in STAGE1_READINGS:
+            bench.ensure(
+                "tki", rate, 0, tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",), reading
+            )
 
 
 def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
-    """Rerun one saved configuration from nothing, in its own work dir (stage 1 included when it uses KR), into
-    ``quality/reproduced/``; the report compares the two."""
+    """Retrain one saved configuration from nothing, in its own work dir (stage 1 included when it uses KR), into
+    ``quality/reproduced/``; the report compares the two on the SNI test set."""
     config = load_record(name).get("config")
-    if config is None or "heldout" not in load_record(name).get("eval", {}):
+    if config is None or "sni" not in load_record(name).get("eval", {}):
         raise SystemExit(f"quality.py: no finished run {name!r} in {RUNS} to reproduce.")
-    work_dir = work_dir / "reproduce"
-    work_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_embedded_model()
-    data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
-    uses_kr = SWITCHES.get(config["method"], {}).get("kr", False)
-    store = (
-        compute_prior_inputs(
-            model, tokenizer, data.train, work_dir / "prior_inputs", config=STAGE1, max_length=MAX_LENGTH
-        ).path
-        if uses_kr
-        else None
-    )
-    del model
-    ensure(
-        name,
-        config["method"],
-        config["learning_rate"],
-        config["seed"],
-        ("heldout",),
-        data,
-        store,
-        work_dir,
-        RUNS / "reproduced",
-    )
-
-
-def reproductions() -> dict:
-    """Each reproduced run against its saved original: held-out ROUGE-L of both, examples scored identically, and
-    the seed spread (sd over seeds) of that method at that learning rate."""
-    found = {}
-    for path in sorted((RUNS / "reproduced").glob("*.json")):
-        again, original = json.loads(path.read_text()), load_record(path.stem)
-        config = original["config"]
-        seeds = [
-            r
-            for r in finished_runs().values()
-            if r["config"]["method"] == config["method"]
-            and r["config"]["learning_rate"] == config["learning_rate"]
-            and "heldout" in r.get("eval", {})
-        ]
-        scores = [r["eval"]["heldout"]["all"]["rougeL"] for r in seeds]
-        first, second = (np.array(r["eval"]["heldout"]["per_example"]["rougeL"]) for r in (original, again))
-        found[path.stem] = {
-            "rougeL": original["eval"]["heldout"]["all"]["rougeL"],
-            "rougeL_reproduced": again["eval"]["heldout"]["all"]["rougeL"],
-            "identical_examples": int((first == second).sum()),
-            "examples": len(first),
-            "seed_sd": float(np.std(scores, ddof=1)) if len(scores) > 1 else None,
-        }
-    return found
+    bench = Bench(work_dir / "reproduce", str(bigbench_source(work_dir, bigbench)), RUNS / "reproduced")
+    bench.ensure(config["method"], config["learning_rate"], config["seed"], ("sni",), config["stage1"])
 
 
 # Report ------------------------------------------------------------------------------------------------------------
@@ -389,84 +474,116 @@ def finished_runs() -> dict[str, dict]:
     return {
         path.stem: json.loads(path.read_text())
         for path in sorted(RUNS.glob("*.json"))
-        if path.stem not in ("data", "stage1")
+        if not path.stem.startswith(("data", "stage1"))
     }
 
 
-def per_example(records: list[dict], test: str, metric: str = "rougeL") -> np.ndarray:
-    return np.array([record["eval"][test]["per_example"][metric] for record in records])
+def rows_of(runs: dict[str, dict], method: str, test: str) -> dict[int, dict]:
+    """Seed -> the result on ``test`` of ``method`` at its chosen rate with the default stage 1 (a no-PCGrad run that
+    equals TKI's stands for itself with TKI's result)."""
+    found = {}
+    for record in runs.values():
+        config = record["config"]
+        if config["method"] != method or config.get("stage1", "embedded") != "embedded":
+            continue
+        source = runs.get(record.get("same_as"), record)
+        if test in source.get("eval", {}):
+            found[config["seed"]] = source["eval"][test]
+    return dict(sorted(found.items()))
 
 
-def training_summary(records: list[dict]) -> dict:
-    """What the mechanisms did while training, averaged over seeds: each logged TKI quantity over all logged steps
-    and over the last quarter (does the prior input ever become the harder input, do the objectives conflict),
-    and wall-clock training seconds (under whatever else ran: bench/speed.py measures cost). Without KR the
-    logged loss is the SFT loss."""
-    summary = {"train_seconds": float(np.mean([r["train"]["seconds"] for r in records]))}
-    for key in TRAINING_LOGS:
-        field = "loss" if key == "loss_sft" and not records[0]["config"]["kr"] else key
-        logs = [
-            (e["step"] / r["train"]["steps"], e[field])
-            for r in records
-            for e in r["train"]["log_history"]
-            if field in e
-        ]
-        if logs:
-            summary[key] = float(np.mean([v for _, v in logs]))
-            summary[f"{key}_last_quarter"] = float(np.mean([v for f, v in logs if f > 0.75] or [np.nan]))
-    return summary
+def per_example(results: dict[int, dict], metric: str = "rougeL") -> np.ndarray:
+    return np.array([result["per_example"][metric] for result in results.values()])
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
+    """``a`` − ``b`` on ``test``, ROUGE-L, paired by example and, when both are trained, by their common seeds (a row
+    without training has one result, against which ``a``'s seeds are resampled)."""
+    first, second = rows_of(runs, a, test), rows_of(runs, b, test)
+    paired = bool(METHODS[a].trainer and METHODS[b].trainer)
+    if paired:
+        common = sorted(set(first) & set(second))
+        first, second = {s: first[s] for s in common}, {s: second[s] for s in common}
+    if not first or not second:
+        return None
+    result = paired_bootstrap(per_example(first), per_example(second), paired_seeds=paired).to_dict()
+    return {**result, "seeds": sorted(first) if paired else None}
+
+
+def by_epoch(record: dict) -> dict[int, dict[str, float]]:
+    """Each logged training quantity averaged over the steps of each epoch."""
+    sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for entry in record["train"]["log_history"]:
+        if "epoch" in entry and any(key in entry for key in TRAINING_LOGS):
+            epoch = min(EPOCHS, max(1, int(np.ceil(entry["epoch"] - 1e-6))))
+            for key in TRAINING_LOGS:
+                if key in entry:
+                    sums[epoch][key].append(entry[key])
+    return {epoch: {key: float(np.mean(v)) for key, v in values.items()} for epoch, values in sorted(sums.items())}
+
+
+def curve(record: dict, test: str) -> list[float | None]:
+    pieces = [f"{test}@{epoch}" for epoch in range(1, EPOCHS)] + [test]
+    return [record.get("eval", {}).get(piece, {}).get("all", {}).get("rougeL") for piece in pieces]
 
 
 def report() -> None:
     runs = finished_runs()
-    tested = {name: r for name, r in runs.items() if all(t in r.get("eval", {}) for t in TEST_SETS)}
-    by_config: dict[str, list[dict]] = defaultdict(list)
-    for record in tested.values():
-        config = record["config"]
-        label = "base" if config["method"] == "base" else f"{config['method']} (lr {config['learning_rate']:g})"
-        by_config[label].append(record)
-    rows, comparisons = [], {}
-    for label, records in by_config.items():
-        row = {"config": label, "seeds": [r["config"]["seed"] for r in records]}
-        if label != "base":
-            row["training"] = training_summary(records)
+    data = json.loads((RUNS / "data.json").read_text()) if (RUNS / "data.json").is_file() else {}
+    present = [method for method in METHODS if any(rows_of(runs, method, test) for test in TEST_SETS)]
+    table_rows = []
+    for method in present:
+        seeds = sorted({s for test in TEST_SETS for s in rows_of(runs, method, test)})
+        stood_in = [r["config"]["seed"] for r in runs.values() if r["config"]["method"] == method and "same_as" in r]
+        row = {"method": method, "label": METHODS[method].label, "seeds": seeds, "stood_in": sorted(set(stood_in))}
         for test in TEST_SETS:
-            for metric in ("bleu", "rouge1", "rouge2", "rougeL"):
-                values = [r["eval"][test]["all"][metric] for r in records]
-                row[f"{test}_{metric}"] = (
-                    float(np.mean(values)),
-                    float(np.std(values, ddof=1)) if len(values) > 1 else 0.0,
-                )
-        rows.append(row)
-    tki = next((records for label, records in by_config.items() if label.startswith("tki (")), None)
-    sft = next((records for label, records in by_config.items() if label.startswith("sft (")), None)
-    if tki and sft:
-        for test in TEST_SETS:
-            comparisons[f"tki_minus_sft_{test}"] = paired_bootstrap(
-                per_example(tki, test), per_example(sft, test)
-            ).to_dict()
-        for label, records in by_config.items():
-            if label.startswith("tki_no"):
-                for test in TEST_SETS:
-                    comparisons[f"{label.split()[0]}_minus_tki_{test}"] = paired_bootstrap(
-                        per_example(records, test), per_example(tki, test)
-                    ).to_dict()
-    validation = {
-        name: r["eval"]["validation"]["all"]["rougeL"] for name, r in runs.items() if "validation" in r.get("eval", {})
+            results = rows_of(runs, method, test)
+            row[test] = [r["all"]["rougeL"] for r in results.values()]
+            row[f"{test}_exact_match"] = [r["all"]["exact_match"] for r in results.values()]
+        tested = [r for r in runs.values() if r["config"]["method"] == method and "train" in r and "sni" in r["eval"]]
+        minutes = [(r["train"]["seconds"] + sum(e["seconds"] for e in r["eval"].values())) / 60 for r in tested]
+        row["minutes"] = float(np.mean(minutes)) if minutes else None
+        table_rows.append(row)
+    comparisons = {
+        f"tki_minus_{other}_{test}": found
+        for other in present
+        if other != "tki"
+        for test in TEST_SETS
+        if (found := compare(runs, "tki", other, test)) is not None
     }
-    reproduced = reproductions()
-    table = markdown(rows, comparisons, validation, reproduced)
-    planned = 1 + 2 * len(SEEDS) + len(ABLATIONS)
-    if len(tested) < planned:
-        table = f"**Incomplete: {len(tested)} of {planned} planned configurations evaluated on the test sets so far; rerun the command to continue.**\n\n{table}"
+    mechanisms = {
+        name: {"by_epoch": by_epoch(record), "validation": curve(record, "validation")}
+        for name, record in runs.items()
+        if record["config"]["method"] == "tki" and record["config"]["seed"] == 0 and "train" in record
+    }
+    curves = {
+        name: {"sni": curve(record, "sni"), "validation": curve(record, "validation"), **record["config"]}
+        for name, record in runs.items()
+        if "train" in record
+    }
+    stage1 = {
+        path.stem.removeprefix("stage1-"): json.loads(path.read_text()) for path in sorted(RUNS.glob("stage1-*.json"))
+    }
+    reproduced = reproductions(runs)
+    table = markdown(table_rows, comparisons, mechanisms, stage1, curves, reproduced, data)
     payload = {
-        "rows": rows,
+        "rows": table_rows,
         "comparisons": comparisons,
-        "validation_rougeL": validation,
+        "mechanisms": mechanisms,
+        "curves": curves,
+        "stage1": stage1,
         "reproductions": reproduced,
+        "data": data,
         "runs": {
             name: {
                 "config": r["config"],
+                "same_as": r.get("same_as"),
                 "train_seconds": r.get("train", {}).get("seconds"),
                 "eval": {
                     k: {"all": v["all"], "by_group": v["by_group"], "seconds": v.get("seconds")}
@@ -475,106 +592,155 @@ def report() -> None:
             }
             for name, r in runs.items()
         },
-        "data": json.loads((RUNS / "data.json").read_text()) if (RUNS / "data.json").is_file() else None,
-        "stage1": json.loads((RUNS / "stage1.json").read_text()) if (RUNS / "stage1.json").is_file() else None,
         "settings": {
             "max_length": MAX_LENGTH,
             "train_rows": TRAIN_ROWS,
+            "validation_tasks": VALIDATION_TASKS,
             "validation_prompts": VALIDATION_PROMPTS,
-            "heldout_per_cluster": HELDOUT_PER_CLUSTER,
+            "sni_test_prompts": SNI_TEST_PROMPTS,
+            "p3_prompts": P3_PROMPTS,
             "bigbench_tasks": BIGBENCH_TASKS,
             "bigbench_per_task": BIGBENCH_PER_TASK,
+            "batch": BATCH,
+            "epochs": EPOCHS,
             "learning_rates": LEARNING_RATES,
             "seeds": SEEDS,
-            "alpha": ALPHA,
-            "stage1": STAGE1.to_dict(),
+            "neftune_noise_alpha": NEFTUNE_ALPHA,
+            "stage1_readings": {name: config.to_dict() for name, config in STAGE1_READINGS.items()},
             "tki": embedded_lora_config().to_dict(),
-            "batch": BATCH,
-            "epochs": 1,
+            "device": DEVICE,
         },
     }
     write_results("quality", payload, table)
-    plot_clusters(by_config)
-    plot_usage(tested if tki else runs)
+    plot_curves(curves)
     print(table)
 
 
-def markdown(rows: list[dict], comparisons: dict, validation: dict, reproduced: dict) -> str:
-    def cell(value: tuple[float, float]) -> str:
-        return f"{value[0]:.1f}" + (f" ± {value[1]:.1f}" if value[1] else "")
-
+def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) -> str:
+    sizes = data.get("sizes", {})
     lines = [
-        "Unseen tasks, embedded SmolLM2-135M, greedy answers, x100 (mean ± sd over seeds). Held-out: the P3 held-out clusters "
-        "(paraphrase identification, structure-to-text); BIG-bench: out-of-domain tasks. Trained on a fixed subset of the P3 "
-        "train clusters; learning rates chosen on a validation split of the train clusters. Produced by "
-        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py` (resumable; `--report` rebuilds this page).",
+        f"Unseen tasks, embedded SmolLM2-135M, greedy answers, ROUGE-L x100 (mean ± sd over seeds). Trained {EPOCHS} "
+        f"epochs on {sizes.get('train', TRAIN_ROWS)} rows of the SNI train tasks; learning rate per method chosen on "
+        f"{sizes.get('validation', VALIDATION_PROMPTS)} prompts of {VALIDATION_TASKS} validation tasks (seed 0). Test "
+        f"sets: SNI = {sizes.get('sni', SNI_TEST_PROMPTS)} prompts of the SNI test tasks (unseen tasks, 12 categories); "
+        f"P3 = {sizes.get('p3', P3_PROMPTS)} prompts of the P3 held-out clusters; BIG-bench = "
+        f"{sizes.get('bigbench', '')} prompts of {len(BIGBENCH_TASKS)} tasks (out of domain). Produced by "
+        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py` (resumable; `--report` "
+        "rebuilds this page).",
         "",
-        "| config | seeds | held-out B-4 | R-1 | R-2 | R-L | BIG-bench B-4 | R-1 | R-2 | R-L |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| method | seeds | SNI R-L | SNI EM | P3 R-L | BIG-bench R-L | minutes per seed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for row in rows:
-        cells = [
-            cell(row[f"{test}_{metric}"]) for test in TEST_SETS for metric in ("bleu", "rouge1", "rouge2", "rougeL")
-        ]
-        lines.append(f"| {row['config']} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
-    trained = [row for row in rows if "training" in row]
-    if trained:
+        minutes = f"{row['minutes']:.0f}" if row["minutes"] else "–"
+        cells = [mean_sd(row["sni"]), mean_sd(row["sni_exact_match"]), mean_sd(row["p3"]), mean_sd(row["bigbench"])]
+        lines.append(f"| {row['label']} | {len(row['seeds'])} | " + " | ".join(cells) + f" | {minutes} |")
+    for row in rows:
+        if row["stood_in"]:
+            lines += [
+                "",
+                f"{row['label']} (seeds {', '.join(map(str, row['stood_in']))}): PCGrad found no conflict at any logged "
+                "step of TKI's run at the same rate and seed, so it never changed a gradient; that run stands for this "
+                "row (the same model), which was not trained again.",
+            ]
+    parameters = data.get("parameters_per_example")
+    if parameters:
         lines += [
             "",
-            "Training (mean over logged steps and seeds; in brackets the last quarter of the steps): q-win rate = share of "
-            "rows whose prior input is the harder one (else L_reinst counts the prompt's loss again).",
-            "",
-            "| config | loss_sft | loss_reinst | q-win rate | PCGrad conflicts | cosine | usage entropy |",
-            "|---|---|---|---|---|---|---|",
+            f"Trainable parameters per example: LoRA SFT {parameters['sft']:,}; TKI {parameters['tki']:,} (shared LoRA "
+            f"plus its top-k latent LoRAs); the matched LoRA has rank {parameters['matched_rank']} "
+            f"({parameters['matched']:,}).",
         ]
-        for row in trained:
-            t = row["training"]
-            cells = [f"{t[k]:.3f} ({t[k + '_last_quarter']:.3f})" if k in t else "–" for k in TRAINING_LOGS]
-            lines.append(f"| {row['config']} | " + " | ".join(cells) + " |")
     if comparisons:
         lines += [
             "",
-            "Paired bootstrap over examples and seeds, ROUGE-L (95% interval; 'detectable' = smallest difference "
-            "this set finds with 80% power):",
+            "TKI minus each row, ROUGE-L, bootstrap over examples and seeds (paired by seed where both rows have the "
+            "same seeds; one-seed rows are compared with TKI's seeds resampled). 'resolved' only when the 95% "
+            "interval excludes 0.",
             "",
-            "| comparison | test set | difference | 95% interval | detectable | verdict |",
+            "| TKI − | test set | difference | 95% interval | seeds paired | verdict |",
             "|---|---|---|---|---|---|",
         ]
         for name, c in comparisons.items():
-            label, test = name.rsplit("_", 1)
+            other, test = name.removeprefix("tki_minus_").rsplit("_", 1)
+            verdict = {"a better": "TKI better", "b better": "TKI worse"}.get(c["verdict"], "unresolved")
+            paired = ", ".join(map(str, c["seeds"])) if c["seeds"] else "no"
             lines.append(
-                f"| {label.replace('_minus_', ' − ')} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | {c['detectable']:.2f} | {c['verdict'].replace('a better', 'first better').replace('b better', 'second better')} |"
+                f"| {METHODS[other].label} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | "
+                f"{paired} | {verdict} |"
             )
-    if "tki_minus_sft_heldout" in comparisons:
-        c = comparisons["tki_minus_sft_heldout"]
-        met = c["difference"] >= 1.0 and c["low"] > 0
+        baselines = [r for r in rows if METHODS[r["method"]].trainer != "tki" and r["sni"]]
+        if baselines and any(r["method"] == "tki" for r in rows):
+            best = max(baselines, key=lambda r: np.mean(r["sni"]))
+            c = comparisons.get(f"tki_minus_{best['method']}_sni")
+            if c:
+                met = c["difference"] >= 1.0 and c["low"] > 0
+                lines += [
+                    "",
+                    f"Goal: TKI ahead of the best baseline on the SNI test tasks ({best['label']}) by >= 1.0 ROUGE-L with "
+                    f"the interval above 0: **{'met' if met else 'not met'}** ({c['difference']:+.2f}, "
+                    f"[{c['low']:+.2f}, {c['high']:+.2f}]).",
+                ]
+    if stage1:
+        lines += ["", "KR stage 1 per reading (mean completion CE with the prompt e and with q; |q − e| / |e|):", ""]
+        lines += [
+            "| reading | steps | lr | Wasserstein weight | CE(e) | CE(q) | change | minutes |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        for name, s in stage1.items():
+            lines.append(
+                f"| {name} | {s['steps']} | {s['learning_rate']:g} | {s['wasserstein_weight']:g} | {s['ce_initial']:.3f} | "
+                f"{s['ce_final']:.3f} | {s['relative_change']:.1e} | {s['seconds'] / 60:.1f} |"
+            )
+    if mechanisms:
         lines += [
             "",
-            f"Target TKI − SFT >= +1.0 ROUGE-L on the held-out clusters with the interval above 0: "
-            f"{'met' if met else 'not met'} ({c['difference']:+.2f}, [{c['low']:+.2f}, {c['high']:+.2f}], {c['verdict'].replace('a better', 'TKI better').replace('b better', 'SFT better')}).",
-        ]
-        ablations = {k: v for k, v in comparisons.items() if k.startswith("tki_no") and k.endswith("heldout")}
-        if ablations:
-            below = [k.split("_minus_")[0] for k, v in ablations.items() if v["difference"] < 0]
-            lines.append(
-                f"Target: each ablation below full TKI on the held-out clusters: {len(below)} of {len(ablations)} below "
-                f"({', '.join(below) or 'none'}); see the intervals above for which differences are resolved."
-            )
-    if validation:
-        lines += [
+            "What KR and PCGrad do in training, per epoch (TKI, seed 0, per stage-1 reading): q-win = share of rows whose "
+            "prior input is the harder one (else L_reinst repeats the prompt's loss); conflicts = share of steps where "
+            "PCGrad projected; cosine between the two objectives' gradients; validation ROUGE-L after the epoch.",
             "",
-            "Validation ROUGE-L (learning-rate choice, seed 0): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in sorted(validation.items()) if k.endswith("-s0")),
+            "| run | epoch | loss_sft | loss_reinst | q-win | conflicts | cosine | validation R-L |",
+            "|---|---|---|---|---|---|---|---|",
         ]
-    if reproduced:
-        lines.append("")
+        for name, m in mechanisms.items():
+            for epoch, values in m["by_epoch"].items():
+                cells = [f"{values[k]:.3f}" if k in values else "–" for k in TRAINING_LOGS]
+                after = m["validation"][epoch - 1]
+                cells.append("–" if after is None else f"{after:.1f}")
+                lines.append(f"| {name} | {epoch} | " + " | ".join(cells) + " |")
+    searched = {
+        name: c for name, c in curves.items() if c["seed"] == 0 and any(v is not None for v in c["validation"])
+    }
+    if searched:
+        lines += ["", "Validation ROUGE-L after each epoch (learning-rate search, seed 0):", ""]
+        lines += [
+            "| run | " + " | ".join(f"epoch {e}" for e in range(1, EPOCHS + 1)) + " |",
+            "|---" * (EPOCHS + 1) + "|",
+        ]
+        for name, c in searched.items():
+            lines.append(f"| {name} | " + " | ".join("–" if v is None else f"{v:.1f}" for v in c["validation"]) + " |")
     for name, r in reproduced.items():
-        spread = f"seed sd {r['seed_sd']:.2f}" if r["seed_sd"] is not None else "no seed spread yet"
-        lines.append(
-            f"- Rerun of {name} from nothing (`--reproduce {name}`): held-out ROUGE-L {r['rougeL']:.2f} then "
-            f"{r['rougeL_reproduced']:.2f} ({spread}); {r['identical_examples']} of {r['examples']} examples scored identically."
-        )
+        lines += [
+            "",
+            f"Rerun of {name} from nothing (`--reproduce {name}`): SNI ROUGE-L {r['rougeL']:.2f} then "
+            f"{r['rougeL_reproduced']:.2f}; {r['identical_examples']} of {r['examples']} examples answered identically.",
+        ]
     return "\n".join(lines)
+
+
+def reproductions(runs: dict[str, dict]) -> dict:
+    """Each reproduced run against its saved original on the SNI test set."""
+    found = {}
+    for path in sorted((RUNS / "reproduced").glob("*.json")):
+        again, original = json.loads(path.read_text()), runs[path.stem]
+        first, second = original["eval"]["sni"], again["eval"]["sni"]
+        found[path.stem] = {
+            "rougeL": first["all"]["rougeL"],
+            "rougeL_reproduced": second["all"]["rougeL"],
+            "identical_examples": sum(a == b for a, b in zip(first["answers"], second["answers"])),
+            "examples": len(first["answers"]),
+        }
+    return found
 
 
 @contextmanager
@@ -592,83 +758,55 @@ def saved_figure(filename: str, **layout) -> Iterator:
     plt.close(figure)
 
 
-def plot_clusters(by_config: dict[str, list[dict]]) -> None:
-    groups = (
-        [(test, name) for test in TEST_SETS for name in next(iter(by_config.values()))[0]["eval"][test]["by_group"]]
-        if by_config
-        else []
-    )
-    with saved_figure("quality_rougeL.png", figsize=(max(8, 1.2 * len(groups)), 4.5)) as axis:
-        _cluster_bars(axis, by_config, groups)
-
-
-def _cluster_bars(axis, by_config: dict[str, list[dict]], groups: list[tuple[str, str]]) -> None:
-    width = 0.8 / max(len(by_config), 1)
-    for offset, (label, records) in enumerate(by_config.items()):
-        x = np.arange(len(groups)) + offset * width
-        values = np.array([[r["eval"][test]["by_group"][name]["rougeL"] for test, name in groups] for r in records])
-        axis.bar(x, values.mean(axis=0), width, label=label)
-        if len(records) > 1:
-            for seed_values in values:
-                axis.plot(x, seed_values, "k.", markersize=3)
-    axis.set_xticks(
-        np.arange(len(groups)) + 0.4 - width / 2, [name for _, name in groups], rotation=30, ha="right", fontsize=8
-    )
-    axis.set_ylabel("ROUGE-L")
-    axis.set_title("ROUGE-L per unseen cluster / BIG-bench task (dots: seeds)")
-    axis.legend(fontsize=7)
-
-
-def plot_usage(runs: dict[str, dict]) -> None:
-    usage = {name: r["train"] for name, r in runs.items() if "latent_usage" in r.get("train", {})}
-    if usage:
-        with saved_figure("quality_latent_usage.png", ncols=2, figsize=(12, 4)) as (bars, curve):
-            _usage_panels(bars, curve, usage)
-
-
-def _usage_panels(bars, curve, usage: dict[str, dict]) -> None:
-    import matplotlib
-
-    name, first = next(iter(usage.items()))
-    mass = np.array(first["latent_usage"]["mass"])
-    groups = first["latent_usage"]["num_groups"]
-    per_group = len(mass) // groups
-    colors = np.repeat(np.arange(groups), per_group)
-    bars.bar(np.arange(len(mass)), mass, color=[matplotlib.colormaps["tab10"](c) for c in colors])
-    bars.set_xlabel("latent task (colour: group)")
-    bars.set_ylabel("blend-weight mass over one epoch")
-    bars.set_title(f"Latent-task usage, {name}")
-    for name, record in usage.items():
-        points = [(e["step"], e["latent_usage_entropy"]) for e in record["log_history"] if "latent_usage_entropy" in e]
-        if points:
-            curve.plot(*zip(*points), marker=".", label=name)
-    reachable = min(len(mass), BATCH * embedded_lora_config().top_k)
-    curve.axhline(
-        np.log(reachable), color="grey", linestyle="--", label=f"log {reachable}: {BATCH} rows x k spread evenly"
-    )
-    curve.set_xlabel("step")
-    curve.set_ylabel("usage entropy per batch (nats)")
-    curve.legend(fontsize=7)
+def plot_curves(curves: dict[str, dict]) -> None:
+    """SNI test ROUGE-L after each epoch for the curve methods (line: mean over seeds, dots: seeds), and validation
+    ROUGE-L after each epoch for every seed-0 run of the learning-rate search."""
+    epochs = np.arange(1, EPOCHS + 1)
+    with saved_figure("quality_curves.png", ncols=2, figsize=(12, 4.5)) as (test_axis, validation_axis):
+        for method in CURVE_METHODS:
+            points = [
+                c["sni"]
+                for c in curves.values()
+                if c["method"] == method and c.get("stage1") == "embedded" and all(v is not None for v in c["sni"])
+            ]
+            if points:
+                values = np.array(points)
+                (line,) = test_axis.plot(
+                    epochs, values.mean(axis=0), marker="o", label=f"{METHODS[method].label} ({len(values)} seeds)"
+                )
+                for seed_values in values:
+                    test_axis.plot(epochs, seed_values, ".", color=line.get_color(), alpha=0.5)
+        test_axis.set(
+            xlabel="epoch", ylabel="ROUGE-L", title="SNI test tasks (unseen) after each epoch", xticks=epochs
+        )
+        test_axis.legend(fontsize=8)
+        for name, c in curves.items():
+            if c["seed"] == 0 and all(v is not None for v in c["validation"]):
+                validation_axis.plot(epochs, c["validation"], marker=".", label=name)
+        validation_axis.set(
+            xlabel="epoch", ylabel="ROUGE-L", title="Validation tasks after each epoch (seed 0)", xticks=epochs
+        )
+        validation_axis.legend(fontsize=7)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--work_dir", default="outputs/bench-quality", help="Adapters, stage-1 store, predictions, BIG-bench sdist."
+        "--work_dir", default="outputs/bench-quality", help="Adapters, stage-1 stores, BIG-bench sdist."
     )
     parser.add_argument("--bigbench", help="Path of bigbench-1.0.0.tar.gz (downloaded into work_dir when omitted).")
-    parser.add_argument("--no_ablations", action="store_true", help="Skip TKI without LTA / KR / PCGrad.")
+    parser.add_argument("--methods", nargs="+", choices=TRAINED, default=list(TRAINED), help="Trained rows, in order.")
+    parser.add_argument("--no_readings", action="store_true", help="Skip TKI under the other stage-1 readings.")
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and plots from saved results.")
-    parser.add_argument(
-        "--reproduce", metavar="RUN", help="Rerun one saved run (e.g. sft-lr0.0002-s0) from nothing and compare."
-    )
+    parser.add_argument("--reproduce", metavar="RUN", help="Retrain one saved run (e.g. tki-lr0.0001-s0) and compare.")
     args = parser.parse_args()
     if args.reproduce:
         reproduce(args.reproduce, Path(args.work_dir), args.bigbench)
     elif not args.report:
-        if not (P3 / "train.jsonl.gz").is_file():
-            raise SystemExit(f"quality.py: no P3 data at {P3}: the shared data folder must sit beside the repository.")
-        run(Path(args.work_dir), args.bigbench, not args.no_ablations)
+        for path in (SNI / "splits", P3 / "heldout.jsonl.gz"):
+            if not path.exists():
+                raise SystemExit(f"quality.py: no {path}: the shared data folder must sit beside the repository.")
+        run(Bench(Path(args.work_dir), args.bigbench), args.methods, not args.no_readings)
     report()
 
 

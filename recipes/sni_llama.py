@@ -34,6 +34,7 @@ from tki_trainer import TKIConfig, TKITrainer, load_embedded_model, preparation
 from tki_trainer._io import staged_file
 from tki_trainer.data import (
     as_conversational,
+    balanced_subset,
     fit_prompts,
     fit_sni_prompts,
     group_references,
@@ -149,20 +150,6 @@ def load_model(recipe: RecipeArguments, config: TKIConfig):
     return model, AutoTokenizer.from_pretrained(recipe.model_name_or_path)
 
 
-def _per_group(dataset: Dataset, column: str, total: int | None, seed: int) -> Dataset:
-    """A seeded subset of ``total`` rows, as equal per value of ``column`` as the rows allow (round robin)."""
-    if not total or total >= len(dataset):
-        return dataset
-    shuffled = dataset.shuffle(seed=seed)
-    seen: dict[str, int] = {}
-    ranks = []
-    for value in shuffled[column]:
-        ranks.append(seen.get(value, 0))
-        seen[value] = ranks[-1] + 1
-    keep = sorted(range(len(ranks)), key=lambda index: (ranks[index], index))[:total]
-    return shuffled.select(sorted(keep))
-
-
 def _at_most(rows: Dataset, recipe: RecipeArguments, seed: int) -> Dataset:
     """Hub rows of SNI, at most ``max_instances_per_task`` seeded rows per task (as `load_sni` samples a checkout)."""
     shuffled = rows.shuffle(seed=seed)
@@ -203,7 +190,7 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
     ):
         fit = fit_sni_prompts if "definition" in rows.column_names else fit_prompts
         rows, report = fit(as_conversational(rows), tokenizer, config.max_length)
-        fitted.append(_per_group(rows, "task" if "task" in rows.column_names else "cluster", total, config.seed))
+        fitted.append(balanced_subset(rows, "task" if "task" in rows.column_names else "cluster", total, config.seed))
         print(f"{name}: {report}; {len(fitted[-1])} of them used")
     return fitted[0], fitted[1], group
 

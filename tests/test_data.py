@@ -9,6 +9,7 @@ from trl import SFTConfig, SFTTrainer
 from conftest import tiny_llama, tiny_tokenizer
 from tki_trainer.data import (
     add_query_embeddings,
+    balanced_subset,
     fit_prompts,
     load_bigbench,
     load_local,
@@ -194,3 +195,16 @@ def test_query_embeddings_are_cached_and_checked_against_key_dim(tmp_path):
 def test_rows_reinstatement_cannot_use_are_refused(rows, message):
     with pytest.raises(ValueError, match=message):
         check_prompt_completion_rows(Dataset.from_list(rows))
+
+
+def test_a_balanced_subset_takes_every_value_in_turn_and_keeps_the_rows_as_they_are():
+    rows = Dataset.from_list(
+        [{"id": f"{task}-{i}", "task": task} for task, n in (("a", 9), ("b", 2), ("c", 5)) for i in range(n)]
+    )
+    subset = balanced_subset(rows, "task", 8, seed=3)
+    counts = {task: subset["task"].count(task) for task in "abc"}
+    assert counts == {"a": 3, "b": 2, "c": 3}
+    assert set(subset["id"]) <= set(rows["id"]) and len(set(subset["id"])) == 8
+    assert subset["id"] == balanced_subset(rows, "task", 8, seed=3)["id"]
+    assert subset["id"] != balanced_subset(rows, "task", 8, seed=4)["id"]
+    assert balanced_subset(rows, "task", None)["id"] == rows["id"] == balanced_subset(rows, "task", 99)["id"]

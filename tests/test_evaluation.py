@@ -166,3 +166,18 @@ def test_generation_with_a_tokenizer_without_a_pad_token_gives_the_same_answers(
     tokenizer.pad_token = None
     assert generate_answers(model, tokenizer, dataset, max_new_tokens=3, batch_size=2) == with_pad
     assert tokenizer.pad_token is None
+
+
+def test_pairing_seeds_cancels_what_a_seed_does_to_both_systems():
+    rng = np.random.default_rng(1)
+    examples = rng.normal(50, 10, size=400)
+    seed_effect = np.array([[-6.0], [0.0], [6.0]])
+    b = examples + seed_effect
+    a = b + 1.0 + rng.normal(0, 0.1, size=b.shape)
+    paired = paired_bootstrap(a, b, paired_seeds=True)
+    unpaired = paired_bootstrap(a, b)
+    assert paired.low > 0.95 and paired.high < 1.05
+    assert unpaired.high - unpaired.low > 20 * (paired.high - paired.low)
+    assert paired.difference == pytest.approx(unpaired.difference)
+    with pytest.raises(ValueError, match="same training seeds"):
+        paired_bootstrap(a[:2], b, paired_seeds=True)

@@ -36,23 +36,35 @@ class Comparison:
         return {**asdict(self), "verdict": self.verdict}
 
 
-def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, seed: int = 0) -> Comparison:
+def paired_bootstrap(
+    a: np.ndarray, b: np.ndarray, *, paired_seeds: bool = False, resamples: int = 10_000, seed: int = 0
+) -> Comparison:
     """Compare per-example scores ``a[seeds_a, n]`` and ``b[seeds_b, n]`` (the same n examples, in the same order).
 
-    Each resample draws the n examples with replacement (shared by both systems: the pairing) and each system's
-    seeds with replacement (training runs are a second source of variance), and takes the difference of the means.
+    Each resample draws the n examples with replacement (shared by both systems: the pairing) and seeds with
+    replacement (training runs are a second source of variance), and takes the difference of the means. With
+    ``paired_seeds`` row ``s`` of ``a`` and of ``b`` come from the same training seed, and both systems draw the same
+    seeds, so what a seed does to both (its data order, its initialisation) cancels; otherwise each system draws its
+    own.
     """
     a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
     if a.shape[1] != b.shape[1] or a.shape[1] == 0:
         raise ValueError(
             f"paired_bootstrap needs scores of the same examples for both systems; got {a.shape} and {b.shape}."
         )
+    if paired_seeds and a.shape[0] != b.shape[0]:
+        raise ValueError(
+            f"paired_seeds needs the same training seeds for both systems; got {a.shape[0]} and {b.shape[0]} rows."
+        )
     rng = np.random.default_rng(seed)
     n = a.shape[1]
     differences = []
     for size in np.diff([*range(0, resamples, 1000), resamples]):
         rows = rng.integers(0, n, size=(size, n))
-        means = [_resampled_mean(scores, rows, rng) for scores in (a, b)]
+        seeds = [rng.integers(0, len(scores), size=(size, len(scores))) for scores in (a, b)]
+        if paired_seeds:
+            seeds[1] = seeds[0]
+        means = [_resampled_mean(scores, rows, drawn) for scores, drawn in zip((a, b), seeds)]
         differences.append(means[0] - means[1])
     differences = np.concatenate(differences)
     low, high = np.quantile(differences, [0.025, 0.975])
@@ -69,8 +81,7 @@ def paired_bootstrap(a: np.ndarray, b: np.ndarray, *, resamples: int = 10_000, s
     )
 
 
-def _resampled_mean(scores: np.ndarray, rows: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """Per resample: the mean over its examples ``rows[i]`` of the mean over a resampled set of seeds."""
-    seeds = rng.integers(0, scores.shape[0], size=(len(rows), scores.shape[0]))
+def _resampled_mean(scores: np.ndarray, rows: np.ndarray, seeds: np.ndarray) -> np.ndarray:
+    """Per resample ``i``: the mean over its examples ``rows[i]`` of the mean over its seeds ``seeds[i]``."""
     per_example = scores[seeds].mean(axis=1)
     return np.take_along_axis(per_example, rows, axis=1).mean(axis=1)
