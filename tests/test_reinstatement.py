@@ -290,3 +290,13 @@ def test_stage1_is_the_same_for_a_model_that_returns_every_positions_logits():
     full = optimize_prior_inputs(every_position, *batch, FAST)
     torch.testing.assert_close(full.ce_initial, kept.ce_initial)
     torch.testing.assert_close(full.embeddings, kept.embeddings)
+
+
+def test_stage1_projects_only_the_positions_that_predict_a_labelled_token():
+    model = tiny_llama()
+    input_ids, attention_mask, labels, lengths = collated_batch(tiny_tokenizer())
+    projected = []
+    model.lm_head.register_forward_hook(lambda module, args, output: projected.append(args[0].shape[:-1]))
+    optimize_prior_inputs(model, input_ids, attention_mask, labels, lengths, PriorInputConfig(steps=2))
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert projected == [torch.Size([labelled])] * 3

@@ -102,18 +102,23 @@ def completion_cross_entropy(
 ) -> torch.Tensor:
     """Mean token cross-entropy of each row's labelled tokens, [batch], from the model's own forward, so that stage
     1 lowers the cross-entropy training measures: its LM head with any soft-capping or logit scaling. Logits are
-    kept only from the batch's first labelled position on (``logits_to_keep``): most of a row is prompt, and a head
-    over every position would cost stage 1 half again as much on a CPU (bench/results/speed.md). A model that
-    ignores ``logits_to_keep`` returns every position, and the same slice holds."""
+    computed only at the positions that predict a labelled token (a boolean ``logits_to_keep``), as TRL's fused head
+    does on GPUs; on a CPU that head scores every position, and most of a row is prompt. A model in bf16 gives its
+    logits in bf16, where TRL's head accumulates them in float32: the two CEs then agree to bf16 rounding. A forward
+    that ignores ``logits_to_keep`` returns every position, and the same mask selects them."""
     targets = labels[:, 1:]
     labelled = targets != -100
-    start = int(labelled.any(dim=0).int().argmax())
-    kept = targets.shape[1] - start + 1
+    keep = F.pad(labelled, (0, 1))
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    outputs = lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=kept, use_cache=False)
-    logits = outputs.logits[:, -kept:-1].float()
-    token_ce = F.cross_entropy(logits.transpose(1, 2), targets[:, start:], reduction="none")
-    return token_ce.sum(dim=1) / labelled.sum(dim=1).clamp(min=1)
+    logits = lm(
+        inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
+    ).logits
+    if logits.ndim == 3:
+        logits = logits[keep]
+    token_ce = F.cross_entropy(logits.float(), targets[labelled], reduction="none")
+    rows = labelled.nonzero()[:, 0]
+    total = torch.zeros(len(labels), dtype=token_ce.dtype, device=token_ce.device).index_add_(0, rows, token_ce)
+    return total / labelled.sum(dim=1).clamp(min=1)
 
 
 def wasserstein(q: torch.Tensor, e: torch.Tensor, method: str, reg: float) -> torch.Tensor:
