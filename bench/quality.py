@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -101,7 +102,14 @@ STAGE1_READINGS = {
 """KR stage 1 as the embedded preset runs it (the default), as the paper sets it (3 steps at lr 5e-6, which barely
 moves q), and with the Wasserstein term pushing q away from the prompt, so that q is another input that still
 yields the target."""
-TRAINING_LOGS = ("loss_sft", "loss_reinst", "reinst_q_win_rate", "pcgrad_conflict_rate", "pcgrad_cosine")
+TRAINING_LOGS = (
+    "loss_sft",
+    "loss_reinst",
+    "reinst_q_win_rate",
+    "pcgrad_conflict_rate",
+    "pcgrad_cosine",
+    "latent_usage_entropy",
+)
 
 
 @dataclass(frozen=True)
@@ -136,6 +144,20 @@ METHODS = {
 TRAINED = tuple(name for name, method in METHODS.items() if method.trainer)
 CURVE_METHODS = ("sft", "tki")
 """Methods whose SNI test score is measured after every epoch (the learning curves)."""
+SETTINGS = {
+    "max_length": MAX_LENGTH,
+    "train_rows": TRAIN_ROWS,
+    "validation_tasks": VALIDATION_TASKS,
+    "validation_prompts": VALIDATION_PROMPTS,
+    "sni_test_prompts": SNI_TEST_PROMPTS,
+    "p3_prompts": P3_PROMPTS,
+    "bigbench_tasks": BIGBENCH_TASKS,
+    "bigbench_per_task": BIGBENCH_PER_TASK,
+    "batch": BATCH,
+    "epochs": EPOCHS,
+    "neftune_noise_alpha": NEFTUNE_ALPHA,
+}
+"""What a saved run was made with besides its own configuration: a run saved under other settings is redone."""
 
 
 class Data:
@@ -210,11 +232,14 @@ def run_name(method: str, lr: float, seed: int, reading: str = "embedded") -> st
     return f"{method}-lr{lr:g}-s{seed}{suffix}"
 
 
-def load_record(name: str, runs: Path = RUNS) -> dict:
-    """A saved run (the run it stands for, when it is the same model as another: see `stand_in`)."""
+def as_json(value: dict) -> dict:
+    """``value`` as it reads back from a saved record (tuples become lists), so that the two compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def saved(name: str, runs: Path = RUNS) -> dict:
     path = runs / f"{name}.json"
-    record = json.loads(path.read_text()) if path.is_file() else {}
-    return load_record(record["same_as"], runs) if "same_as" in record else record
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
@@ -257,9 +282,11 @@ class Bench:
     def train(self, name: str, method: str, lr: float, seed: int, reading: str) -> dict:
         """Train one configuration, saving its adapter after every epoch; return what training logged."""
         spec = METHODS[method]
+        output_dir = self.work_dir / "runs" / name
+        shutil.rmtree(output_dir, ignore_errors=True)
         model, tokenizer = load_embedded_model()
         args = dict(
-            output_dir=str(self.work_dir / "runs" / name),
+            output_dir=str(output_dir),
             learning_rate=lr,
             seed=seed,
             per_device_train_batch_size=BATCH,
@@ -279,7 +306,9 @@ class Bench:
             peft_config = shared_lora_config("embedded")
             if spec.matched_rank:
                 rank = self.parameters["matched_rank"]
-                peft_config = replace(peft_config, r=rank, lora_alpha=peft_config.lora_alpha * rank // peft_config.r)
+                peft_config = shared_lora_config(
+                    "embedded", r=rank, lora_alpha=peft_config.lora_alpha * rank // peft_config.r
+                )
             trainer = SFTTrainer(
                 model,
                 args=SFTConfig(**args),
@@ -306,7 +335,7 @@ class Bench:
             "seconds": time.time() - started,
             "steps": trainer.state.global_step,
             "steps_per_epoch": trainer.state.global_step // EPOCHS,
-            "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+            "trainable_parameters": trainer.model.get_nb_trainable_parameters()[0],
             "log_history": trainer.state.log_history,
         }
 
@@ -320,8 +349,12 @@ class Bench:
         """Run whatever of training and the evaluation ``pieces`` (``"sni"``: the final model on the SNI test set,
         ``"sni@1"``: the model after epoch 1) this configuration lacks, saving each as it ends."""
         name = run_name(method, lr, seed, reading)
-        record = load_record(name, self.runs)
-        record.setdefault("config", {"method": method, "learning_rate": lr, "seed": seed, "stage1": reading})
+        config = as_json(
+            {"method": method, "learning_rate": lr, "seed": seed, "stage1": reading, "settings": SETTINGS}
+        )
+        record = saved(name, self.runs)
+        if record.get("config") != config or "same_as" in record:
+            record = {"config": config}
         missing = [piece for piece in pieces if piece not in record.get("eval", {})]
         if not missing:
             return record
@@ -329,7 +362,8 @@ class Bench:
         if trained and ("train" not in record or not self.checkpoint(name, EPOCHS).is_dir()):
             print(f"== training {name}", flush=True)
             record["train"] = self.train(name, method, lr, seed, reading)
-            record["eval"], missing = {}, list(pieces)
+            missing = sorted({*record.get("eval", {}), *pieces})
+            record["eval"] = {}
             save_record(name, record, self.runs)
         by_epoch = defaultdict(list)
         for piece in missing:
@@ -353,11 +387,12 @@ class Bench:
 
     def copy_demo(self) -> None:
         """SNI's copy-demo heuristic on the SNI test prompts, scored like a model (the other sets have no demo)."""
-        if load_record("copy_demo", self.runs):
+        if saved("copy_demo", self.runs):
             return
         rows = self.data.eval["sni"]
         answers = heuristic_predictions(rows, "copy_demo")
-        record = {"config": {"method": "copy_demo", "seed": 0}, "eval": {"sni": scored(answers, rows, "category")}}
+        config = {"method": "copy_demo", "learning_rate": 0.0, "seed": 0, "stage1": "embedded", "settings": SETTINGS}
+        record = {"config": as_json(config), "eval": {"sni": scored(answers, rows, "category")}}
         save_record("copy_demo", record, self.runs)
 
 
@@ -397,12 +432,17 @@ def bigbench_source(work_dir: Path, given: str | None) -> Path:
     return found[0]
 
 
-def chosen_rate(method: str, runs: Path = RUNS) -> float:
-    """The learning rate with the best validation ROUGE-L after the last epoch at seed 0."""
-    scores = {
-        lr: load_record(run_name(method, lr, 0), runs)["eval"]["validation"]["all"]["rougeL"] for lr in LEARNING_RATES
-    }
-    return max(scores, key=scores.get)
+def chosen_rate(runs: dict[str, dict], method: str) -> float | None:
+    """The learning rate with the best validation ROUGE-L after the last epoch at seed 0 (0 for a row without
+    training; None until the search has finished)."""
+    if METHODS[method].trainer is None:
+        return 0.0
+    scores = {}
+    for lr in LEARNING_RATES:
+        record = resolved(runs, run_name(method, lr, 0))
+        if "validation" in record.get("eval", {}):
+            scores[lr] = record["eval"]["validation"]["all"]["rougeL"]
+    return max(scores, key=scores.get) if len(scores) == len(LEARNING_RATES) else None
 
 
 def stand_in(method: str, lr: float, seed: int, runs: Path = RUNS) -> str | None:
@@ -411,7 +451,7 @@ def stand_in(method: str, lr: float, seed: int, runs: Path = RUNS) -> str | None
     if method != "tki_no_pcgrad":
         return None
     name = run_name("tki", lr, seed)
-    logs = load_record(name, runs).get("train", {}).get("log_history", [])
+    logs = saved(name, runs).get("train", {}).get("log_history", [])
     rates = [entry["pcgrad_conflict_rate"] for entry in logs if "pcgrad_conflict_rate" in entry]
     return name if rates and max(rates) == 0 else None
 
@@ -421,7 +461,9 @@ def ensure_or_stand_in(bench: Bench, method: str, lr: float, seed: int, pieces: 
     if same is None:
         bench.ensure(method, lr, seed, pieces)
     else:
-        config = {"method": method, "learning_rate": lr, "seed": seed, "stage1": "embedded"}
+        config = as_json(
+            {"method": method, "learning_rate": lr, "seed": seed, "stage1": "embedded", "settings": SETTINGS}
+        )
         save_record(run_name(method, lr, seed), {"config": config, "same_as": same}, bench.runs)
 
 
@@ -446,11 +488,11 @@ def run(bench: Bench, methods: list[str], readings: bool) -> None:
         search = tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",)
         for lr in LEARNING_RATES:
             ensure_or_stand_in(bench, method, lr, 0, search)
-        rate = chosen_rate(method, bench.runs)
+        rate = chosen_rate(finished_runs(bench.runs), method)
         for seed in SEEDS:
             ensure_or_stand_in(bench, method, rate, seed, (*tests, *curve))
     if readings and "tki" in methods:
-        rate = chosen_rate("tki", bench.runs)
+        rate = chosen_rate(finished_runs(bench.runs), "tki")
         for reading in STAGE1_READINGS:
             bench.ensure(
                 "tki", rate, 0, tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",), reading
@@ -460,8 +502,8 @@ def run(bench: Bench, methods: list[str], readings: bool) -> None:
 def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
     """Retrain one saved configuration from nothing, in its own work dir (stage 1 included when it uses KR), into
     ``quality/reproduced/``; the report compares the two on the SNI test set."""
-    config = load_record(name).get("config")
-    if config is None or "sni" not in load_record(name).get("eval", {}):
+    config = saved(name).get("config")
+    if config is None or "sni" not in saved(name).get("eval", {}):
         raise SystemExit(f"quality.py: no finished run {name!r} in {RUNS} to reproduce.")
     bench = Bench(work_dir / "reproduce", str(bigbench_source(work_dir, bigbench)), RUNS / "reproduced")
     bench.ensure(config["method"], config["learning_rate"], config["seed"], ("sni",), config["stage1"])
@@ -470,25 +512,32 @@ def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
 # Report ------------------------------------------------------------------------------------------------------------
 
 
-def finished_runs() -> dict[str, dict]:
+def finished_runs(runs: Path = RUNS) -> dict[str, dict]:
     return {
         path.stem: json.loads(path.read_text())
-        for path in sorted(RUNS.glob("*.json"))
+        for path in sorted(runs.glob("*.json"))
         if not path.stem.startswith(("data", "stage1"))
     }
 
 
+def resolved(runs: dict[str, dict], name: str) -> dict:
+    """A run of ``runs``, or the run it stands for (see `stand_in`)."""
+    record = runs.get(name, {})
+    return runs.get(record.get("same_as"), record)
+
+
 def rows_of(runs: dict[str, dict], method: str, test: str) -> dict[int, dict]:
-    """Seed -> the result on ``test`` of ``method`` at its chosen rate with the default stage 1 (a no-PCGrad run that
-    equals TKI's stands for itself with TKI's result)."""
+    """Seed -> the result on ``test`` of ``method`` at its chosen rate with the default stage 1 (a run that stands
+    for another gives that run's result)."""
+    rate = chosen_rate(runs, method)
     found = {}
-    for record in runs.values():
+    for name, record in runs.items():
         config = record["config"]
-        if config["method"] != method or config.get("stage1", "embedded") != "embedded":
+        if (config["method"], config["learning_rate"], config["stage1"]) != (method, rate, "embedded"):
             continue
-        source = runs.get(record.get("same_as"), record)
-        if test in source.get("eval", {}):
-            found[config["seed"]] = source["eval"][test]
+        result = resolved(runs, name).get("eval", {}).get(test)
+        if result is not None:
+            found[config["seed"]] = result
     return dict(sorted(found.items()))
 
 
@@ -512,6 +561,8 @@ def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
         first, second = {s: first[s] for s in common}, {s: second[s] for s in common}
     if not first or not second:
         return None
+    if next(iter(first.values()))["ids"] != next(iter(second.values()))["ids"]:
+        raise ValueError(f"{a} and {b} were scored on different {test} prompts: rerun them under the same settings.")
     result = paired_bootstrap(per_example(first), per_example(second), paired_seeds=paired).to_dict()
     return {**result, "seeds": sorted(first) if paired else None}
 
@@ -540,8 +591,13 @@ def report() -> None:
     table_rows = []
     for method in present:
         seeds = sorted({s for test in TEST_SETS for s in rows_of(runs, method, test)})
-        stood_in = [r["config"]["seed"] for r in runs.values() if r["config"]["method"] == method and "same_as" in r]
-        row = {"method": method, "label": METHODS[method].label, "seeds": seeds, "stood_in": sorted(set(stood_in))}
+        rate = chosen_rate(runs, method)
+        stood_in = [
+            r["config"]["seed"]
+            for r in runs.values()
+            if "same_as" in r and (r["config"]["method"], r["config"]["learning_rate"]) == (method, rate)
+        ]
+        row = {"method": method, "label": METHODS[method].label, "seeds": seeds, "stood_in": sorted(stood_in)}
         for test in TEST_SETS:
             results = rows_of(runs, method, test)
             row[test] = [r["all"]["rougeL"] for r in results.values()]
@@ -550,17 +606,20 @@ def report() -> None:
         minutes = [(r["train"]["seconds"] + sum(e["seconds"] for e in r["eval"].values())) / 60 for r in tested]
         row["minutes"] = float(np.mean(minutes)) if minutes else None
         table_rows.append(row)
+    stood_in = {row["method"] for row in table_rows if row["stood_in"] and set(row["seeds"]) <= set(row["stood_in"])}
     comparisons = {
         f"tki_minus_{other}_{test}": found
         for other in present
-        if other != "tki"
+        if other != "tki" and other not in stood_in
         for test in TEST_SETS
         if (found := compare(runs, "tki", other, test)) is not None
     }
     mechanisms = {
         name: {"by_epoch": by_epoch(record), "validation": curve(record, "validation")}
         for name, record in runs.items()
-        if record["config"]["method"] == "tki" and record["config"]["seed"] == 0 and "train" in record
+        if record["config"]["method"] in ("tki", "tki_random_routing")
+        and record["config"]["seed"] == 0
+        and "train" in record
     }
     curves = {
         name: {"sni": curve(record, "sni"), "validation": curve(record, "validation"), **record["config"]}
@@ -593,19 +652,9 @@ def report() -> None:
             for name, r in runs.items()
         },
         "settings": {
-            "max_length": MAX_LENGTH,
-            "train_rows": TRAIN_ROWS,
-            "validation_tasks": VALIDATION_TASKS,
-            "validation_prompts": VALIDATION_PROMPTS,
-            "sni_test_prompts": SNI_TEST_PROMPTS,
-            "p3_prompts": P3_PROMPTS,
-            "bigbench_tasks": BIGBENCH_TASKS,
-            "bigbench_per_task": BIGBENCH_PER_TASK,
-            "batch": BATCH,
-            "epochs": EPOCHS,
+            **SETTINGS,
             "learning_rates": LEARNING_RATES,
             "seeds": SEEDS,
-            "neftune_noise_alpha": NEFTUNE_ALPHA,
             "stage1_readings": {name: config.to_dict() for name, config in STAGE1_READINGS.items()},
             "tki": embedded_lora_config().to_dict(),
             "device": DEVICE,
@@ -695,12 +744,14 @@ def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) ->
     if mechanisms:
         lines += [
             "",
-            "What KR and PCGrad do in training, per epoch (TKI, seed 0, per stage-1 reading): q-win = share of rows whose "
-            "prior input is the harder one (else L_reinst repeats the prompt's loss); conflicts = share of steps where "
-            "PCGrad projected; cosine between the two objectives' gradients; validation ROUGE-L after the epoch.",
+            "What KR, PCGrad and routing do in training, per epoch (TKI at seed 0 per stage-1 reading and learning rate, "
+            "and TKI with random routing): q-win = share of rows whose prior input is the harder one (else L_reinst "
+            "repeats the prompt's loss); conflicts = share of steps where PCGrad projected; cosine between the two "
+            "objectives' gradients; usage entropy of the blend weights per batch (nats); validation ROUGE-L after the "
+            "epoch.",
             "",
-            "| run | epoch | loss_sft | loss_reinst | q-win | conflicts | cosine | validation R-L |",
-            "|---|---|---|---|---|---|---|---|",
+            "| run | epoch | loss_sft | loss_reinst | q-win | conflicts | cosine | usage entropy | validation R-L |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in mechanisms.items():
             for epoch, values in m["by_epoch"].items():
@@ -732,6 +783,8 @@ def reproductions(runs: dict[str, dict]) -> dict:
     """Each reproduced run against its saved original on the SNI test set."""
     found = {}
     for path in sorted((RUNS / "reproduced").glob("*.json")):
+        if path.stem not in runs:
+            continue
         again, original = json.loads(path.read_text()), runs[path.stem]
         first, second = original["eval"]["sni"], again["eval"]["sni"]
         found[path.stem] = {

@@ -9,7 +9,7 @@ def balanced_subset(dataset: Dataset, column: str, total: int | None, seed: int 
     """A seeded subset of ``total`` rows, as equal per value of ``column`` as the rows allow: each value's rows are
     taken in turn from a seeded shuffle, which is also the subset's order. The whole dataset when ``total`` is None
     or not smaller."""
-    if not total or total >= len(dataset):
+    if total is None or total >= len(dataset):
         return dataset
     shuffled = dataset.shuffle(seed=seed)
     seen: dict[str, int] = {}
