@@ -467,7 +467,7 @@ def ensure_or_stand_in(bench: Bench, method: str, lr: float, seed: int, pieces: 
         save_record(run_name(method, lr, seed), {"config": config, "same_as": same}, bench.runs)
 
 
-def run(bench: Bench, methods: list[str], readings: bool) -> None:
+def run(bench: Bench, methods: list[str], seeds: list[int], readings: bool) -> None:
     (bench.runs / "data.json").write_text(
         json.dumps(
             {
@@ -489,7 +489,7 @@ def run(bench: Bench, methods: list[str], readings: bool) -> None:
         for lr in LEARNING_RATES:
             ensure_or_stand_in(bench, method, lr, 0, search)
         rate = chosen_rate(finished_runs(bench.runs), method)
-        for seed in SEEDS:
+        for seed in seeds:
             ensure_or_stand_in(bench, method, rate, seed, (*tests, *curve))
     if readings and "tki" in methods:
         rate = chosen_rate(finished_runs(bench.runs), "tki")
@@ -585,7 +585,7 @@ def curve(record: dict, test: str) -> list[float | None]:
 
 
 def report() -> None:
-    runs = finished_runs()
+    runs = finished_runs(RUNS)
     data = json.loads((RUNS / "data.json").read_text()) if (RUNS / "data.json").is_file() else {}
     present = [method for method in METHODS if any(rows_of(runs, method, test) for test in TEST_SETS)]
     table_rows = []
@@ -849,6 +849,7 @@ def main() -> None:
     )
     parser.add_argument("--bigbench", help="Path of bigbench-1.0.0.tar.gz (downloaded into work_dir when omitted).")
     parser.add_argument("--methods", nargs="+", choices=TRAINED, default=list(TRAINED), help="Trained rows, in order.")
+    parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS), help="Seeds to run.")
     parser.add_argument("--no_readings", action="store_true", help="Skip TKI under the other stage-1 readings.")
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and plots from saved results.")
     parser.add_argument("--reproduce", metavar="RUN", help="Retrain one saved run (e.g. tki-lr0.0001-s0) and compare.")
@@ -859,7 +860,7 @@ def main() -> None:
         for path in (SNI / "splits", P3 / "heldout.jsonl.gz"):
             if not path.exists():
                 raise SystemExit(f"quality.py: no {path}: the shared data folder must sit beside the repository.")
-        run(Bench(Path(args.work_dir), args.bigbench), args.methods, not args.no_readings)
+        run(Bench(Path(args.work_dir), args.bigbench), args.methods, args.seeds, not args.no_readings)
     report()
 
 
