@@ -227,6 +227,11 @@ def parameters_per_example(model: nn.Module) -> dict[str, int]:
     return {"sft": shared, "tki": per_example, "matched_rank": rank, "matched": rank * sum(widths.values())}
 
 
+def every_epoch(test: str) -> tuple[str, ...]:
+    """The evaluation pieces of ``test`` after each epoch: ``test@1``, ... and ``test`` itself (the final model)."""
+    return (*(f"{test}@{epoch}" for epoch in range(1, EPOCHS)), test)
+
+
 def run_name(method: str, lr: float, seed: int, reading: str = "embedded") -> str:
     suffix = "" if reading == "embedded" else f"-{reading}"
     return f"{method}-lr{lr:g}-s{seed}{suffix}"
@@ -484,19 +489,16 @@ def run(bench: Bench, methods: list[str], seeds: list[int], readings: bool) -> N
     bench.ensure("base", 0.0, 0, (*tests, "validation"))
     bench.copy_demo()
     for method in methods:
-        curve = tuple(f"sni@{epoch}" for epoch in range(1, EPOCHS)) if method in CURVE_METHODS else ()
-        search = tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",)
         for lr in LEARNING_RATES:
-            ensure_or_stand_in(bench, method, lr, 0, search)
+            ensure_or_stand_in(bench, method, lr, 0, every_epoch("validation"))
         rate = chosen_rate(finished_runs(bench.runs), method)
+        pieces = (*tests, *every_epoch("sni")) if method in CURVE_METHODS else tests
         for seed in seeds:
-            ensure_or_stand_in(bench, method, rate, seed, (*tests, *curve))
+            ensure_or_stand_in(bench, method, rate, seed, tuple(dict.fromkeys(pieces)))
     if readings and "tki" in methods:
         rate = chosen_rate(finished_runs(bench.runs), "tki")
         for reading in STAGE1_READINGS:
-            bench.ensure(
-                "tki", rate, 0, tuple(f"validation@{epoch}" for epoch in range(1, EPOCHS)) + ("validation",), reading
-            )
+            bench.ensure("tki", rate, 0, every_epoch("validation"), reading)
 
 
 def reproduce(name: str, work_dir: Path, bigbench: str | None) -> None:
@@ -569,19 +571,19 @@ def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
 
 def by_epoch(record: dict) -> dict[int, dict[str, float]]:
     """Each logged training quantity averaged over the steps of each epoch."""
-    sums: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    logged: dict[int, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for entry in record["train"]["log_history"]:
         if "epoch" in entry and any(key in entry for key in TRAINING_LOGS):
             epoch = min(EPOCHS, max(1, int(np.ceil(entry["epoch"] - 1e-6))))
             for key in TRAINING_LOGS:
                 if key in entry:
-                    sums[epoch][key].append(entry[key])
-    return {epoch: {key: float(np.mean(v)) for key, v in values.items()} for epoch, values in sorted(sums.items())}
+                    logged[epoch][key].append(entry[key])
+    return {epoch: {key: float(np.mean(v)) for key, v in values.items()} for epoch, values in sorted(logged.items())}
 
 
 def curve(record: dict, test: str) -> list[float | None]:
-    pieces = [f"{test}@{epoch}" for epoch in range(1, EPOCHS)] + [test]
-    return [record.get("eval", {}).get(piece, {}).get("all", {}).get("rougeL") for piece in pieces]
+    """ROUGE-L on ``test`` after each epoch (None where that piece was not evaluated)."""
+    return [record.get("eval", {}).get(piece, {}).get("all", {}).get("rougeL") for piece in every_epoch(test)]
 
 
 def report() -> None:
