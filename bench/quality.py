@@ -705,9 +705,10 @@ def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) ->
     if comparisons:
         lines += [
             "",
-            "TKI minus each row, ROUGE-L, bootstrap over examples and seeds (paired by seed where both rows have the "
-            "same seeds; one-seed rows are compared with TKI's seeds resampled). 'resolved' only when the 95% "
-            "interval excludes 0.",
+            "TKI minus each row, ROUGE-L, bootstrap over examples and seeds (paired by seed where both rows are "
+            "trained; a row without training is compared with TKI's seeds resampled). A verdict other than "
+            "'unresolved' needs the 95% interval to exclude 0; with one seed the interval holds only the examples' "
+            "variance, not the training seed's, so such a verdict speaks for that seed alone.",
             "",
             "| TKI − | test set | difference | 95% interval | seeds paired | verdict |",
             "|---|---|---|---|---|---|",
@@ -715,6 +716,8 @@ def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) ->
         for name, c in comparisons.items():
             other, test = name.removeprefix("tki_minus_").rsplit("_", 1)
             verdict = {"a better": "TKI better", "b better": "TKI worse"}.get(c["verdict"], "unresolved")
+            if c["seeds"] and len(c["seeds"]) == 1:
+                verdict += " at this seed"
             paired = ", ".join(map(str, c["seeds"])) if c["seeds"] else "no"
             lines.append(
                 f"| {METHODS[other].label} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | "
