@@ -830,7 +830,10 @@ def plot_curves(curves: dict[str, dict]) -> None:
             if points:
                 values = np.array(points)
                 (line,) = test_axis.plot(
-                    epochs, values.mean(axis=0), marker="o", label=f"{METHODS[method].label} ({len(values)} seeds)"
+                    epochs,
+                    values.mean(axis=0),
+                    marker="o",
+                    label=f"{METHODS[method].label} ({len(values)} seed{'s' if len(values) > 1 else ''})",
                 )
                 for seed_values in values:
                     test_axis.plot(epochs, seed_values, ".", color=line.get_color(), alpha=0.5)
