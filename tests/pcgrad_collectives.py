@@ -114,7 +114,7 @@ def worker(rank: int, world_size: int, init_file: str, device: str, output: str)
             setattr(dist, name, recorded(name, getattr(dist, name)))
     results = {}
     for count in SIZES:
-        for num_objectives in (1, 2):
+        for num_objectives in (1, 2, 3):
             parameters = [torch.nn.Parameter(torch.zeros(shape, device=device)) for shape in shapes(count)]
             accumulator = PCGradAccumulator(parameters, num_objectives=num_objectives)
             for micro_batch in range(MICRO_BATCHES):
@@ -126,7 +126,7 @@ def worker(rank: int, world_size: int, init_file: str, device: str, output: str)
             results[count, num_objectives] = {
                 "calls": list(calls),
                 "grads": [None if p.grad is None else p.grad.cpu() for p in parameters],
-                "cosine": None if projection is None else projection.cosine,
+                "cosine": None if projection is None else projection.cosine(),
             }
     torch.save(results, Path(output) / f"rank{rank}.pt")
     dist.destroy_process_group()

@@ -24,13 +24,42 @@ def yu_et_al(g1, g2):
 )
 def test_projection_follows_the_formula(g1, g2, conflict):
     g1, g2 = torch.tensor(g1), torch.tensor(g2)
-    update, projection = project(g1, g2)
+    update, projection = project(torch.stack([g1, g2]))
     torch.testing.assert_close(update, yu_et_al(g1, g2))
     assert projection.conflict == conflict
-    assert projection.cosine == pytest.approx(float(torch.cosine_similarity(g1, g2, dim=0)), abs=1e-6)
+    assert projection.cosine() == pytest.approx(float(torch.cosine_similarity(g1, g2, dim=0)), abs=1e-6)
     if conflict:
         p1 = g1 - torch.dot(g1, g2) / torch.dot(g2, g2) * g2
         assert float(torch.dot(p1, g2)) == pytest.approx(0.0, abs=1e-5)
+
+
+def yu_et_al_in_order(gradients):
+    """PCGrad for several tasks written out: each gradient loses, in turn, its component along every original
+    gradient it still conflicts with (in index order)."""
+    projected = []
+    for i, g in enumerate(gradients):
+        p = g.clone()
+        for j, other in enumerate(gradients):
+            if j != i and torch.dot(p, other) < 0:
+                p = p - torch.dot(p, other) / torch.dot(other, other) * other
+        projected.append(p)
+    return sum(projected)
+
+
+def test_three_objectives_follow_the_formula_in_index_order():
+    g = torch.tensor([[1.0, 0.0, 2.0, 0.0], [-1.0, 1.0, 0.0, 0.5], [0.0, -2.0, -1.0, 1.0]])
+    update, projection = project(g)
+    torch.testing.assert_close(update, yu_et_al_in_order(g))
+    assert not torch.allclose(update, g.sum(0))
+    assert projection.conflict
+    assert projection.cosine(1, 2) == pytest.approx(float(torch.cosine_similarity(g[1], g[2], dim=0)), abs=1e-6)
+
+
+def test_a_zero_gradient_projects_nothing():
+    g = torch.tensor([[1.0, -1.0], [0.0, 0.0], [2.0, 0.5]])
+    update, projection = project(g)
+    torch.testing.assert_close(update, g.sum(0))
+    assert not projection.conflict and projection.cosine(0, 1) == 0.0
 
 
 def test_accumulator_sums_micro_batches_then_projects_once_into_grad():
@@ -69,7 +98,7 @@ def test_sparse_bank_gradients_accumulate_like_dense_ones():
     sparse_projection, reference_projection = sparse.apply(), reference.apply()
     assert bank.grad.is_sparse and sorted(bank.grad.coalesce().indices()[0].tolist()) == [0, 4, 5]
     torch.testing.assert_close(bank.grad.to_dense(), dense_bank.grad)
-    assert sparse_projection.cosine == pytest.approx(reference_projection.cosine)
+    assert sparse_projection.cosine() == pytest.approx(reference_projection.cosine())
 
 
 def test_one_objective_only_sums_and_keeps_sparse_rows_sparse():
@@ -117,13 +146,13 @@ def test_two_processes_reduce_with_a_constant_number_of_collectives_on_the_param
     )
     results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
     small, large = pcgrad_collectives.SIZES
-    for num_objectives in (1, 2):
+    for num_objectives in (1, 2, 3):
         counts = {len(r[count, num_objectives]["calls"]) for r in results for count in (small, large)}
         assert counts == {2}
     for (count, num_objectives), result in [item for r in results for item in r.items()]:
         assert all(devices == [device] for _, devices in result["calls"])
         flat, rows = by_hand(count, num_objectives)
-        expected = yu_et_al(*flat) if num_objectives == 2 else flat[0]
+        expected = yu_et_al_in_order(flat) if num_objectives > 1 else flat[0]
         shapes = pcgrad_collectives.shapes(count)
         grads = result["grads"]
         got = torch.cat([(torch.zeros(s) if g is None else g.to_dense()).flatten() for g, s in zip(grads, shapes)])
@@ -133,5 +162,5 @@ def test_two_processes_reduce_with_a_constant_number_of_collectives_on_the_param
             if grad is not None:
                 assert grad.is_sparse == pcgrad_collectives.is_bank(index)
                 assert not grad.is_sparse or grad.coalesce().indices()[0].tolist() == sorted(touched)
-        if num_objectives == 2:
-            assert result["cosine"] == pytest.approx(float(torch.cosine_similarity(*flat, dim=0)), abs=1e-6)
+        if num_objectives > 1:
+            assert result["cosine"] == pytest.approx(float(torch.cosine_similarity(flat[0], flat[1], dim=0)), abs=1e-6)

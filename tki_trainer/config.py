@@ -11,6 +11,7 @@ from typing import Optional
 
 from trl import SFTConfig
 
+from .flashback import DIVERGENCES
 from .reinstatement import PriorInputConfig
 
 
@@ -50,7 +51,7 @@ PriorInputArguments.__doc__ = "Knowledge-reinstatement stage-1 settings as ``pri
 @dataclass
 class TKIConfig(SFTConfig, PriorInputArguments):
     """Configuration of `TKITrainer`. Every `SFTConfig` field keeps its meaning; with ``lta``, ``kr`` and
-    ``pcgrad`` off the trainer is `SFTTrainer`. Like `SFTConfig`, a CPU-only machine needs ``use_cpu=True`` or
+    ``pcgrad`` off and no flashbacks the trainer is `SFTTrainer`. Like `SFTConfig`, a CPU-only machine needs ``use_cpu=True`` or
     ``bf16=False``.
 
     Every check that needs only the configuration runs here, at construction (PEFT's ``LoraConfig`` does the same),
@@ -101,6 +102,47 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         },
     )
 
+    # Flashbacks (Joint Flashback Adaptation)
+    flashback_dataset: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Old tasks' prompts to keep the model's behaviour on while it learns the new rows: a local "
+            "dataset folder or data file, or a Hub id (TKITrainer's flashback_dataset= also takes a Dataset). Their "
+            "completions are ignored."
+        },
+    )
+    flashback_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "Weight of the flashback divergence: total = L_sft + alpha * L_reinst + weight * L_flashback."
+        },
+    )
+    flashbacks_per_step: int = field(
+        default=1, metadata={"help": "Flashback prompts drawn for each training micro-batch (one more forward)."}
+    )
+    flashback_divergence: str = field(
+        default="kl",
+        metadata={
+            "help": "Divergence of the model's next-token distributions from the reference's at the flashback "
+            "positions: 'kl' (KL(reference || model)), 'reverse_kl' or 'js'.",
+            "choices": list(DIVERGENCES),
+        },
+    )
+    flashback_continuation_tokens: int = field(
+        default=0,
+        metadata={
+            "help": "Also compare over a continuation of this many tokens that the reference generates once per "
+            "flashback (greedy, cached under output_dir/_tki_cache); 0: the prompt's positions only."
+        },
+    )
+    flashback_routing: bool = field(
+        default=True,
+        metadata={
+            "help": "With lta: route flashbacks through the latent bank by their own queries and groups, jointly with "
+            "the new rows (joint latent task learning); False: flashbacks bypass the bank (the ablation)."
+        },
+    )
+
     # Dataset columns
     query_embedding_column: str = field(default="query_embedding", metadata={"help": "Column of query embeddings."})
     group_id_column: str = field(
@@ -148,6 +190,7 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"PCGrad needs each objective's full gradient, which {engine} shards and reduces itself: set "
                 "pcgrad=False (KR still works) or train with DDP."
             )
+        self._check_flashbacks(engine)
         if self.push_to_hub and self.hub_strategy != "end":
             raise ValueError(
                 f"hub_strategy={self.hub_strategy!r} pushes during training, which uploads the Trainer's pickled "
@@ -190,6 +233,24 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             raise ValueError(
                 f"prior_inputs_dir={self.prior_inputs_dir} holds no prior-input store (no store.json): write one with "
                 "tki_trainer.compute_prior_inputs or tki-prepare, or leave prior_inputs_dir unset to compute it."
+            )
+
+    def _check_flashbacks(self, engine: str | None) -> None:
+        if self.flashback_weight < 0:
+            raise ValueError(f"flashback_weight must be >= 0, got {self.flashback_weight}.")
+        if self.flashbacks_per_step < 1 or self.flashback_continuation_tokens < 0:
+            raise ValueError("flashbacks_per_step must be at least 1 and flashback_continuation_tokens at least 0.")
+        if self.max_length is not None and self.flashback_continuation_tokens >= self.max_length:
+            raise ValueError(
+                f"flashback_continuation_tokens={self.flashback_continuation_tokens} leaves no room for the prompt "
+                f"within max_length={self.max_length}: use fewer continuation tokens."
+            )
+        if self.flashback_divergence not in DIVERGENCES:
+            raise ValueError(f"flashback_divergence must be one of {DIVERGENCES}, got {self.flashback_divergence!r}.")
+        if engine and self.flashback_dataset is not None:
+            raise ValueError(
+                f"Flashbacks take their own backward pass each micro-batch, and {engine} owns backward and gradient "
+                "reduction: train with DDP (accelerate launch --config_file recipes/accelerate/ddp.yaml)."
             )
 
     def _engine(self) -> str | None:

@@ -1,10 +1,11 @@
-"""PCGrad (Yu et al., 2020) between two objectives, exact under gradient accumulation and data parallelism.
+"""PCGrad (Yu et al., 2020) between the training objectives, exact under gradient accumulation and data parallelism.
 
-Each objective's gradient is accumulated on its own over the micro-batches of an effective batch; once the
-effective batch is complete (and, on several processes, both sums are all-reduced) the pair is projected once:
-where ``g1 . g2 < 0`` each is projected onto the normal plane of the other, and the update is their sum.
-Latent banks have row-sparse gradients and are accumulated on the rows the batch retrieved only, so the cost
-does not grow with the bank size.
+Each objective's gradient (SFT, reinstatement, flashback divergence: whichever are active) is accumulated on its
+own over the micro-batches of an effective batch; once the effective batch is complete (and, on several
+processes, the sums are all-reduced) they are projected once: each gradient, wherever it conflicts with another
+(``g_i . g_j < 0``), is projected onto that one's normal plane, and the update is their sum. Latent banks have
+row-sparse gradients and are accumulated on the rows the batch retrieved only, so the cost does not grow with the
+bank size.
 
 With one objective the accumulator only reduces: it is the all-reduce of row-sparse gradients that DDP's own
 bucketed reduction cannot do.
@@ -25,20 +26,38 @@ DENSE, ABSENT = "dense", "absent"
 
 @dataclass
 class Projection:
-    """What one projection did: the cosine of the two gradients and whether they conflicted."""
+    """What one projection saw: the cosine of every pair of objectives' gradients ([objectives, objectives]; 0
+    where a gradient is zero)."""
 
-    cosine: float
-    conflict: bool
+    cosines: torch.Tensor
+
+    def cosine(self, i: int = 0, j: int = 1) -> float:
+        return float(self.cosines[i, j])
+
+    @property
+    def conflict(self) -> bool:
+        """Whether some pair of gradients conflicted (and was projected)."""
+        return bool((self.cosines < 0).any())
 
 
-def project(g1: torch.Tensor, g2: torch.Tensor) -> tuple[torch.Tensor, Projection]:
-    """``g1' + g2'`` for two flat gradients, each projected off the other (original) one when they conflict."""
-    dot = torch.dot(g1, g2)
-    norm1, norm2 = g1.square().sum(), g2.square().sum()
-    cosine = float(dot / (norm1.sqrt() * norm2.sqrt()).clamp(min=1e-30))
-    if dot >= 0 or norm1 == 0 or norm2 == 0:
-        return g1 + g2, Projection(cosine, False)
-    return (g1 - dot / norm2 * g2) + (g2 - dot / norm1 * g1), Projection(cosine, True)
+def project(gradients: torch.Tensor) -> tuple[torch.Tensor, Projection]:
+    """The PCGrad update of flat gradients ``[objectives, size]``: each ``g_i``, in turn projected onto the normal
+    plane of every original ``g_j`` it conflicts with, then summed. The ``j`` are visited in index order (Yu et al.
+    draw a random order; a fixed one gives every process and every rerun the same update); with two objectives the
+    order does not matter."""
+    dots = gradients @ gradients.T
+    norms = dots.diagonal().sqrt()
+    cosines = dots / torch.outer(norms, norms).clamp(min=1e-30)
+    projected = gradients.clone()
+    count = len(gradients)
+    for i in range(count):
+        for j in range(count):
+            if i == j or norms[j] == 0:
+                continue
+            dot = torch.dot(projected[i], gradients[j])
+            if dot < 0:
+                projected[i] -= dot / dots[j, j] * gradients[j]
+    return projected.sum(dim=0), Projection(cosines.cpu())
 
 
 class PCGradAccumulator:
@@ -55,9 +74,9 @@ class PCGradAccumulator:
     """
 
     def __init__(self, parameters: list[torch.nn.Parameter], num_objectives: int = 2) -> None:
-        if num_objectives not in (1, 2):
+        if num_objectives < 1:
             raise ValueError(
-                f"num_objectives must be 1 (reduce only) or 2 (reduce and project), got {num_objectives}."
+                f"num_objectives must be 1 (reduce only) or more (reduce and project), got {num_objectives}."
             )
         self.parameters = parameters
         self.num_objectives = num_objectives
@@ -85,7 +104,7 @@ class PCGradAccumulator:
         return grads
 
     def add(self, objective: int, grads: list[torch.Tensor | None], scale: float = 1.0) -> None:
-        """Add one backward's gradients, times ``scale``, to objective ``objective`` (0: SFT, 1: reinstatement)."""
+        """Add one backward's gradients, times ``scale``, to objective ``objective`` (its index among the active ones)."""
         for i, grad in enumerate(grads):
             if grad is None:
                 continue
@@ -151,16 +170,16 @@ class PCGradAccumulator:
         return torch.cat(parts) if parts else torch.zeros(0, device=self.device)
 
     def apply(self) -> Projection | None:
-        """All-reduce (mean) the sums across processes, project them (two objectives), and write the update into
-        ``.grad`` (row-sparse parameters get a sparse COO gradient on their touched rows). Returns the projection,
-        or None with one objective."""
+        """All-reduce (mean) the sums across processes, project them (several objectives), and write the update
+        into ``.grad`` (row-sparse parameters get a sparse COO gradient on their touched rows). Returns the
+        projection, or None with one objective."""
         layout = self._layout()
         stacked = torch.stack([self._flat(objective, layout) for objective in range(self.num_objectives)])
         if _distributed():
             dist.all_reduce(stacked)
             stacked /= dist.get_world_size()
-        if self.num_objectives == 2:
-            update, projection = project(stacked[0], stacked[1])
+        if self.num_objectives > 1:
+            update, projection = project(stacked)
         else:
             update, projection = stacked[0], None
         offset = 0

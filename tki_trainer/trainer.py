@@ -25,12 +25,22 @@ from .backward_plan import choose_plan, run_plan
 from .capture import SubsetGradients
 from .collator import EXAMPLE_IDS, GROUP_IDS, QUERY_EMBEDDINGS, TKICollator
 from .config import TKIConfig
+from .flashback import (
+    Flashbacks,
+    Reference,
+    extend_with_continuations,
+    load_flashback_rows,
+    token_divergence,
+    tokenize_flashbacks,
+)
 from .hub import evaluation_table, push_adapter, render_model_card, training_summary, write_model_card
+from .logits import log_probabilities, logits_at
 from .optim import LazyAdamW, clip_grad_norm
 from .pcgrad import PCGradAccumulator
 from .reinstatement import PriorInputStore
+from .reinstatement.fingerprint import model_fingerprint, tokenizer_fingerprint
 from .reinstatement.objective import Objectives, reinstatement_objectives
-from .reinstatement.stage1 import adapters_disabled, on_the_fly_deltas
+from .reinstatement.stage1 import adapters_disabled, on_the_fly_deltas, trl_pad_token_id
 from .retrieval import usage_entropy
 from .tuner import export_lora, route
 from .tuner.model import find_tuner
@@ -60,6 +70,7 @@ class TKITrainer(SFTTrainer):
         eval_dataset: Dataset | dict[str, Dataset] | None = None,
         processing_class: Any = None,
         peft_config: PeftConfig | None = None,
+        flashback_dataset: Dataset | str | None = None,
         **kwargs: Any,
     ) -> None:
         args = args or TKIConfig(output_dir="tki-output")
@@ -85,6 +96,10 @@ class TKITrainer(SFTTrainer):
             }
         else:
             eval_dataset = self._prepare_rows(eval_dataset, args, peft_config, model, "eval")
+        flashback_source = flashback_dataset if flashback_dataset is not None else args.flashback_dataset
+        flashback_rows = (
+            None if flashback_source is None else self._flashback_rows(flashback_source, args, peft_config, model)
+        )
         super().__init__(
             model=model,
             args=args,
@@ -100,6 +115,9 @@ class TKITrainer(SFTTrainer):
                 "set router_aux_loss_coef=0.0, or kr=False."
             )
         self._store = self._prior_input_store(train_dataset) if args.kr and args.prior_inputs_mode == "store" else None
+        self._reference: Reference | None = None
+        self._flashbacks = None if flashback_rows is None else self._flashback_set(flashback_rows, model)
+        self._flashback_draws: int | None = None
         self.data_collator = TKICollator(
             base=self.data_collator,
             query_column=args.query_embedding_column if args.lta else None,
@@ -107,11 +125,13 @@ class TKITrainer(SFTTrainer):
             id_column=args.id_column if self._store is not None else None,
         )
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self._pcgrad = PCGradAccumulator(trainable) if args.kr and args.pcgrad else None
-        self._capture = SubsetGradients(self.model, trainable) if self._pcgrad is not None else None
+        objectives = 1 + args.kr + (self._flashbacks is not None)
+        self._pcgrad = PCGradAccumulator(trainable, objectives) if args.pcgrad and objectives > 1 else None
+        self._capture = SubsetGradients(self.model, trainable) if self._pcgrad is not None and args.kr else None
         self._reducer = None
-        if self._pcgrad is None and args.lta and self.accelerator.num_processes > 1:
-            # DDP's buckets cannot take the bank's row-sparse gradients: they are reduced here, once per step.
+        if self._pcgrad is None and (args.lta or self._flashbacks) and self.accelerator.num_processes > 1:
+            # DDP's buckets cannot take the bank's row-sparse gradients, nor a second backward per micro-batch (the
+            # flashbacks'): gradients are reduced here, once per step.
             self._reducer = PCGradAccumulator(trainable, num_objectives=1)
         self._recording: SubsetGradients | None = None
         self._objectives: Objectives | None = None
@@ -144,6 +164,43 @@ class TKITrainer(SFTTrainer):
                 cache_dir=self._cache_dir / "queries",
             )
         return dataset
+
+    def _flashback_rows(
+        self, source: Dataset | str, args: TKIConfig, config: PeftConfig | None, model: Any
+    ) -> Dataset:
+        """The flashback prompts; routed through the bank, with ids, query embeddings and group ids."""
+        rows = load_flashback_rows(source)
+        if not (args.lta and args.flashback_routing):
+            return rows
+        return self._prepare_rows(rows, args, config, model, "flashback")
+
+    def _flashback_set(self, rows: Dataset, model_argument: Any) -> Flashbacks:
+        """Tokenized flashbacks and their reference (the model before training: adapters off, or, for a model that
+        arrived holding an adapter, that adapter as it arrived), extended by the reference's continuations."""
+        args, tokenizer = self.args, self.processing_class
+        model = self.accelerator.unwrap_model(self.model)
+        self._reference = Reference(model, snapshot=isinstance(model_argument, PeftModel))
+        routed = args.lta and args.flashback_routing
+        length = None if args.max_length is None else args.max_length - args.flashback_continuation_tokens
+        flashbacks = Flashbacks(
+            tokenize_flashbacks(tokenizer, rows["prompt"], length),
+            pad_token_id=trl_pad_token_id(tokenizer),
+            per_step=args.flashbacks_per_step,
+            seed=args.seed,
+            query_embeddings=torch.tensor(rows[args.query_embedding_column]) if routed else None,
+            group_ids=torch.tensor(rows[args.group_id_column]) if routed else None,
+            bank=args.lta,
+        )
+        if args.flashback_continuation_tokens:
+            extend_with_continuations(
+                flashbacks,
+                self._reference,
+                tokens=args.flashback_continuation_tokens,
+                eos_token_id=tokenizer.eos_token_id,
+                cache_dir=self._cache_dir / "flashbacks",
+                key={"model": model_fingerprint(model), "tokenizer": tokenizer_fingerprint(tokenizer)},
+            )
+        return flashbacks
 
     def _set_signature_columns_if_needed(self) -> None:
         super()._set_signature_columns_if_needed()
@@ -222,11 +279,14 @@ class TKITrainer(SFTTrainer):
         optimizer step; with LTA on several processes the bank's sparse gradients are reduced here, not by DDP."""
         own_reduction = self._pcgrad is not None or self._reducer is not None
         reduction = self.accelerator.no_sync(model) if own_reduction else contextlib.nullcontext()
-        with self._routing(model, inputs), reduction:
-            if self._pcgrad is None:
-                loss = super().training_step(model, inputs, num_items_in_batch)
-            else:
-                loss = self._pcgrad_step(model, inputs, num_items_in_batch)
+        with reduction:
+            with self._routing(model, inputs):
+                if self._pcgrad is None:
+                    loss = super().training_step(model, inputs, num_items_in_batch)
+                else:
+                    loss = self._pcgrad_step(model, inputs, num_items_in_batch)
+            if self._flashbacks is not None:
+                loss = loss + self._flashback_step(model)
         if own_reduction and self.accelerator.sync_gradients:
             self._reduce_gradients()
         return loss
@@ -239,22 +299,57 @@ class TKITrainer(SFTTrainer):
             self.optimizer.train()
         inputs = self._prepare_inputs(inputs)
         scale = self._gradient_scale(num_items_in_batch)
-        capture = self._capture if self._capture.supported and inputs["input_ids"].shape[0] > 1 else None
+        capture = self._capture
+        if capture is not None and not (capture.supported and inputs["input_ids"].shape[0] > 1):
+            capture = None
         self._recording = capture
         try:
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
         finally:
             self._recording = None
-        plan = choose_plan(self._objectives.q_wins, capture)
-        self._metrics["train"]["pcgrad_backward_passes"].append(plan.backward_passes)
 
         def backward(objective: torch.Tensor, retain_graph: bool = False) -> None:
             self.accelerator.backward(objective * scale, retain_graph=retain_graph)
 
+        if self._objectives is None:  # no reinstatement: the SFT objective is the loss
+            backward(loss)
+            self._pcgrad.add(0, self._pcgrad.take_gradients())
+            return loss.detach() * scale
+        plan = choose_plan(self._objectives.q_wins, capture)
+        self._metrics["train"]["pcgrad_backward_passes"].append(plan.backward_passes)
         run_plan(plan, self._objectives, self.args.reinstatement_alpha, self._pcgrad, backward, capture)
         self._objectives = None
         return loss.detach() * scale
+
+    def _flashback_step(self, model: torch.nn.Module) -> torch.Tensor:
+        """One flashback micro-batch: the reference's next-token distributions at its positions (no grad), the
+        model's, and their mean divergence, whose backward (scaled as the Trainer scales a per-micro-batch mean)
+        runs inside the flashbacks' own routing and, with PCGrad, goes to the flashback objective. Returns the
+        weighted term on the scale of the Trainer's ``loss``."""
+        if self._flashback_draws is None:  # a resumed run continues the draws where it stopped
+            self._flashback_draws = self.state.global_step * self.args.gradient_accumulation_steps
+        process = self.accelerator.process_index, self.accelerator.num_processes
+        batch = self._flashbacks.draw(self._flashback_draws, *process, self.args.device)
+        self._flashback_draws += 1
+        unwrapped = self.accelerator.unwrap_model(model)
+        inputs = {"input_ids": batch.input_ids, "attention_mask": batch.attention_mask}
+        weight = self.args.flashback_weight / self._accumulation_steps
+        with batch.routing(unwrapped):
+            with self.compute_loss_context_manager():
+                with torch.no_grad(), self._reference.active():
+                    reference = log_probabilities(logits_at(unwrapped, batch.keep, **inputs))
+                with torch.set_grad_enabled(weight > 0):
+                    log_probs = log_probabilities(logits_at(model, batch.keep, **inputs))
+                    divergence = token_divergence(log_probs, reference, self.args.flashback_divergence).mean()
+                del reference, log_probs
+            if weight > 0:
+                self.accelerator.backward(weight * divergence)
+        if weight > 0 and self._pcgrad is not None:
+            self._pcgrad.add(self._pcgrad.num_objectives - 1, self._pcgrad.take_gradients())
+        divergence = divergence.detach()
+        self._metrics["train"]["loss_flashback"].append(self.accelerator.gather_for_metrics(divergence).mean().item())
+        return weight * divergence
 
     def _gradient_scale(self, num_items_in_batch: Any) -> float:
         """The factor `Trainer.training_step` applies to the loss before its backward: ``1 / accumulation steps``
@@ -278,8 +373,16 @@ class TKITrainer(SFTTrainer):
             self._reducer.apply()
             return
         projection = self._pcgrad.apply()
-        self._metrics["train"]["pcgrad_conflict_rate"].append(float(projection.conflict))
-        self._metrics["train"]["pcgrad_cosine"].append(projection.cosine)
+        metrics = self._metrics["train"]
+        metrics["pcgrad_conflict_rate"].append(float(projection.conflict))
+        flashback = self._pcgrad.num_objectives - 1
+        pairs = {"pcgrad_cosine": (0, 1)} if self.args.kr else {}
+        if self._flashbacks is not None:
+            pairs["pcgrad_cosine_flashback"] = (0, flashback)
+            if self.args.kr:
+                pairs["pcgrad_cosine_reinst_flashback"] = (1, flashback)
+        for name, (i, j) in pairs.items():
+            metrics[name].append(projection.cosine(i, j))
 
     def _clip_grad_norm(self, model):
         """The Trainer's clipping, for gradients that include the bank's sparse ones."""

@@ -34,15 +34,18 @@ def tokenize_row(
 ) -> TokenizedRow:
     """Token ids of ``prompt + completion`` and the length of the prompt span, exactly as `SFTTrainer` builds them
     (before its ``max_length`` truncation). A standard completion gets the end-of-sequence token TRL appends."""
-    if is_conversational({"prompt": prompt}):
-        prompt_ids = _tokenize(tokenizer, prompt, add_generation_prompt=True, chat_template=chat_template)["input_ids"]
-        input_ids = _tokenize(tokenizer, prompt + completion, chat_template=chat_template)["input_ids"]
-    else:
-        if not completion.endswith(tokenizer.eos_token):
-            completion = completion + tokenizer.eos_token
-        prompt_ids = _tokenize(tokenizer, prompt, chat_template=chat_template)["input_ids"]
-        input_ids = _tokenize(tokenizer, prompt + completion, chat_template=chat_template)["input_ids"]
+    prompt_ids = tokenize_prompt(tokenizer, prompt, chat_template)
+    if not is_conversational({"prompt": prompt}) and not completion.endswith(tokenizer.eos_token):
+        completion = completion + tokenizer.eos_token
+    input_ids = _tokenize(tokenizer, prompt + completion, chat_template=chat_template)["input_ids"]
     return TokenizedRow(list(input_ids), common_prefix_length(prompt_ids, input_ids))
+
+
+def tokenize_prompt(tokenizer: PreTrainedTokenizerBase, prompt: Any, chat_template: str | None = None) -> list[int]:
+    """Token ids of a prompt alone, as `SFTTrainer` tokenizes it: a conversational prompt under the chat template
+    with the generation prompt (the model's turn opened), a string as it is."""
+    generation_prompt = {"add_generation_prompt": True} if is_conversational({"prompt": prompt}) else {}
+    return list(_tokenize(tokenizer, prompt, chat_template=chat_template, **generation_prompt)["input_ids"])
 
 
 def truncate_row(row: TokenizedRow, max_length: int | None) -> TokenizedRow | None:

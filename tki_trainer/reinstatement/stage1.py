@@ -30,6 +30,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..data.formats import check_prompt_completion_rows
 from ..data.tokenization import tokenize_row, truncate_row
+from ..logits import logits_at
 from .fingerprint import prompt_hash
 from .store import PriorInputStore
 
@@ -102,19 +103,14 @@ def completion_cross_entropy(
 ) -> torch.Tensor:
     """Mean token cross-entropy of each row's labelled tokens, [batch], from the model's own forward, so that stage
     1 lowers the cross-entropy training measures: its LM head with any soft-capping or logit scaling. Logits are
-    computed only at the positions that predict a labelled token (a boolean ``logits_to_keep``), as TRL's fused head
-    does on GPUs; on a CPU that head scores every position, and most of a row is prompt. A model in bf16 gives its
-    logits in bf16, where TRL's head accumulates them in float32: the two CEs then agree to bf16 rounding. A forward
-    that ignores ``logits_to_keep`` returns every position, and the same mask selects them."""
+    computed only at the positions that predict a labelled token (`logits_at`), as TRL's fused head does on GPUs;
+    on a CPU that head scores every position. A model in bf16 gives its logits in bf16, where TRL's head
+    accumulates them in float32: the two CEs then agree to bf16 rounding."""
     targets = labels[:, 1:]
     labelled = targets != -100
     keep = F.pad(labelled, (0, 1))
     lm = model.get_base_model() if isinstance(model, PeftModel) else model
-    logits = lm(
-        inputs_embeds=inputs_embeds, attention_mask=attention_mask, logits_to_keep=keep, use_cache=False
-    ).logits
-    if logits.ndim == 3:
-        logits = logits[keep]
+    logits = logits_at(lm, keep, inputs_embeds=inputs_embeds, attention_mask=attention_mask)
     token_ce = F.cross_entropy(logits.float(), targets[labelled], reduction="none")
     rows = labelled.nonzero()[:, 0]
     total = torch.zeros(len(labels), dtype=token_ce.dtype, device=token_ce.device).index_add_(0, rows, token_ce)

@@ -158,8 +158,9 @@ class Linear(nn.Module, TKILayer):
                 lora_a = self.tki_lora_A[adapter_name]
                 x_shared = self._cast_input_dtype(x_adapter, lora_a.weight.dtype)
                 result = result + self.tki_lora_B[adapter_name](lora_a(x_shared)) * self.scaling[adapter_name]
-            if adapter_name in self.tki_latent_A:
-                indices, weights = self._router.selection(adapter_name, x.shape[0])
+            selection = self._router.selection(adapter_name, x.shape[0]) if adapter_name in self.tki_latent_A else None
+            if selection is not None:
+                indices, weights = selection
                 x_latent = self._cast_input_dtype(x_adapter, self.tki_latent_A[adapter_name].dtype)
                 delta = self.latent_delta(x_latent, adapter_name, indices, weights)
                 result = result + delta.reshape(result.shape) * self.latent_scaling[adapter_name]

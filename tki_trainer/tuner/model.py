@@ -111,6 +111,8 @@ class TKIModel(BaseTuner):
         if not self._bank_is_active():
             return
         routing = self.router.require()
+        if routing.batch_size is None:  # the bank is bypassed
+            return
         if isinstance(inputs, torch.Tensor) and inputs.shape[0] != routing.batch_size:
             raise ValueError(
                 f"The model received {inputs.shape[0]} examples but was routed with {routing.batch_size} query "
@@ -167,6 +169,14 @@ def route(model: nn.Module, query_embeddings: torch.Tensor, group_ids: torch.Ten
     """
     tuner = find_tuner(model)
     with tuner.router.use(query_embeddings, group_ids, tuner.active_adapters):
+        yield
+
+
+@contextmanager
+def bypass_bank(model: nn.Module) -> Iterator[None]:
+    """Inside the block the latent bank adds nothing (the shared LoRA still applies): inputs kept out of the
+    latent tasks."""
+    with find_tuner(model).router.bypass():
         yield
 
 

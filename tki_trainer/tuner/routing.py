@@ -52,17 +52,27 @@ class Routing:
         return self._selections[adapter_name, rows]
 
 
+class Bypass:
+    """Routing that leaves the bank out: latent layers add nothing, whatever the batch (inputs kept out of the
+    latent tasks, e.g. flashbacks without joint latent task learning)."""
+
+    batch_size = None
+
+    def selection(self, adapter_name: str, rows: int) -> None:
+        return None
+
+
 class Router:
     """Resolves queries into latent-task selections and tells each layer which one applies now.
 
     Two sources, the innermost winning: routing given as keywords to a model call (kept until the next call),
-    and routing set by the `tki_trainer.route` context (kept until the block ends).
+    and routing set by the `tki_trainer.route` or `bypass_bank` contexts (kept until the block ends).
     """
 
     def __init__(self, keys: Mapping[str, torch.Tensor], configs: Mapping[str, LatentLoraConfig]) -> None:
         self._keys = keys
         self._configs = configs
-        self._context: list[Routing] = []
+        self._context: list[Routing | Bypass] = []
         self._call: Routing | None = None
 
     def resolve(
@@ -125,7 +135,7 @@ class Router:
         )
 
     @property
-    def current(self) -> Routing | None:
+    def current(self) -> Routing | Bypass | None:
         if self._call is not None:
             return self._call
         return self._context[-1] if self._context else None
@@ -148,7 +158,15 @@ class Router:
         finally:
             self._context.pop()
 
-    def require(self) -> Routing:
+    @contextmanager
+    def bypass(self) -> Iterator[None]:
+        self._context.append(Bypass())
+        try:
+            yield
+        finally:
+            self._context.pop()
+
+    def require(self) -> Routing | Bypass:
         """The routing in force, or the error that tells the caller how to give one."""
         routing = self.current
         if routing is None:
@@ -159,5 +177,6 @@ class Router:
             )
         return routing
 
-    def selection(self, adapter_name: str, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def selection(self, adapter_name: str, rows: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The latent tasks and weights of the routing in force; None inside `bypass`."""
         return self.require().selection(adapter_name, rows)

@@ -1,0 +1,232 @@
+import json
+import math
+
+import pytest
+import torch
+from datasets import Dataset
+from peft import get_peft_model
+
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
+from test_trainer import common, losses, noisy_store, rows
+from tki_trainer import TKIConfig, TKITrainer
+from tki_trainer.flashback import Flashbacks, load_flashback_rows, token_divergence
+from tki_trainer.flashback import prompts as flashback_prompts
+
+
+FLASHBACKS = ["Paris is", "The island", "Answer: yes", "Is the capital", "The land of"]
+
+
+def flashback_rows(with_queries=True):
+    generator = torch.Generator().manual_seed(11)
+    data = [{"prompt": p} for p in FLASHBACKS]
+    if with_queries:
+        for row in data:
+            row["query_embedding"] = torch.randn(KEY_DIM, generator=generator).tolist()
+    return Dataset.from_list(data)
+
+
+def flashback_trainer(tmp_path, name, model=None, flashbacks=None, peft_config=None, train=None, **overrides):
+    settings = {**common(tmp_path, name), "kr": False, "pcgrad": False, "flashbacks_per_step": 2, **overrides}
+    return TKITrainer(
+        model if model is not None else tiny_llama(),
+        args=TKIConfig(**settings),
+        train_dataset=rows() if train is None else train,
+        processing_class=tiny_tokenizer(),
+        peft_config=peft_config if peft_config is not None or model is not None else tki_config(),
+        flashback_dataset=flashback_rows() if flashbacks is None else flashbacks,
+    )
+
+
+def test_divergences_follow_their_formulas():
+    generator = torch.Generator().manual_seed(0)
+    model, reference = (torch.randn(3, 7, generator=generator).log_softmax(-1) for _ in range(2))
+    p, r = model.exp(), reference.exp()
+    kl = (r * (reference - model)).sum(-1)
+    reverse = (p * (model - reference)).sum(-1)
+    m = (p + r) / 2
+    js = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (r * (r / m).log()).sum(-1)
+    torch.testing.assert_close(token_divergence(model, reference, "kl"), kl)
+    torch.testing.assert_close(token_divergence(model, reference, "reverse_kl"), reverse)
+    torch.testing.assert_close(token_divergence(model, reference, "js"), js)
+    assert bool((js <= math.log(2)).all()) and not torch.allclose(kl, reverse)
+    assert float(token_divergence(model, model, "kl").abs().max()) < 1e-6
+
+
+def test_draws_are_disjoint_across_processes_cover_the_set_and_replay_after_resume():
+    flashbacks = Flashbacks([[5]] * 6, pad_token_id=0, per_step=2, seed=3)
+    first_epoch = [r for draw in range(3) for r in flashbacks.rows(draw)]
+    assert sorted(first_epoch) == list(range(6))
+    two_ranks = [flashbacks.rows(0, rank, 2) for rank in range(2)]
+    assert not set(two_ranks[0]) & set(two_ranks[1])
+    assert flashbacks.rows(7) == Flashbacks([[5]] * 6, pad_token_id=0, per_step=2, seed=3).rows(7)
+
+
+def test_with_flashback_weight_zero_training_equals_tki_loss_for_loss(tmp_path):
+    store = noisy_store(tmp_path, scale=0.5)
+    settings = dict(kr=True, pcgrad=True, prior_inputs_dir=str(store.path), prior_inputs_learning_rate=0.0)
+    plain = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**common(tmp_path, "tki"), **settings),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
+    plain.train()
+    silent = flashback_trainer(tmp_path, "silent", flashback_weight=0.0, peft_config=tki_config(), **settings)
+    silent.train()
+    assert losses(silent) == pytest.approx(losses(plain), rel=1e-6)
+    assert all(entry["loss_flashback"] > 0 for entry in silent.state.log_history[1:] if "loss_flashback" in entry)
+
+
+@pytest.mark.parametrize("arrives_as", ["base model", "trained adapter"])
+def test_the_divergence_is_zero_at_the_first_step_and_grows_as_the_model_moves(tmp_path, arrives_as):
+    model = None
+    if arrives_as == "trained adapter":
+        model = trained_like(get_peft_model(tiny_llama(), tki_config()))
+    trainer = flashback_trainer(tmp_path, arrives_as.replace(" ", "_"), model=model, learning_rate=5e-2)
+    trainer.train()
+    divergences = [entry["loss_flashback"] for entry in trainer.state.log_history if "loss_flashback" in entry]
+    assert divergences[0] == pytest.approx(0.0, abs=1e-6)
+    assert divergences[-1] > 1e-4
+
+
+def perturbed(trainer, seed=5, scale=0.2):
+    """Move every adapter weight away from the reference, so that the divergence and its gradient are not zero."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in trainer.model.parameters():
+            if parameter.requires_grad:
+                parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
+
+
+def flashback_value(trainer, draw=0):
+    trainer._flashback_draws = draw
+    trainer.model.zero_grad(set_to_none=True)
+    return float(trainer._flashback_step(trainer.model))
+
+
+@pytest.mark.parametrize("kind", ["kl", "reverse_kl", "js"])
+def test_the_divergence_gradient_matches_finite_differences(tmp_path, kind):
+    trainer = flashback_trainer(tmp_path, kind, model=None, flashback_divergence=kind)
+    trainer.model.double()
+    trainer.model.train()
+    perturbed(trainer)
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    flashback_value(trainer)
+    analytic = [p.grad.to_dense() if p.grad.is_sparse else p.grad for p in trainable]
+    generator = torch.Generator().manual_seed(9)
+    direction = [torch.randn(p.shape, generator=generator, dtype=p.dtype) for p in trainable]
+    step = 1e-3  # central differences in float64; routing weights stay float32, which limits smaller steps
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, v in zip(trainable, direction):
+                p.add_(sign * step * v)
+        values.append(flashback_value(trainer))
+        with torch.no_grad():
+            for p, v in zip(trainable, direction):
+                p.sub_(sign * step * v)
+    numeric = (values[0] - values[1]) / (2 * step)
+    expected = sum(float((g * v).sum()) for g, v in zip(analytic, direction))
+    assert abs(expected) > 1e-5
+    assert numeric == pytest.approx(expected, rel=1e-3)
+
+
+@pytest.mark.parametrize("routing", [True, False])
+def test_flashbacks_train_the_latent_tasks_they_retrieve_only_when_routed(tmp_path, routing):
+    trainer = flashback_trainer(tmp_path, f"routing_{routing}", flashback_routing=routing)
+    perturbed(trainer)
+    flashback_value(trainer)
+    banks = [p for n, p in trainer.model.named_parameters() if "tki_latent" in n]
+    shared = [p for n, p in trainer.model.named_parameters() if "tki_lora" in n]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)
+    if not routing:
+        assert all(p.grad is None for p in banks)
+        return
+    batch = trainer._flashbacks.draw(0, 0, 1, "cpu")
+    from tki_trainer.tuner.model import find_tuner
+
+    tuner = find_tuner(trainer.model)
+    indices, _ = tuner.router.retrieve("default", batch.query_embeddings, batch.group_ids)
+    for bank in banks:
+        assert sorted(bank.grad.coalesce().indices()[0].unique().tolist()) == sorted(indices.unique().tolist())
+
+
+def test_a_flashback_micro_batch_costs_one_forward_and_one_no_grad_reference_forward(tmp_path):
+    calls = {}
+    for name, flashbacks in (("without", None), ("with", flashback_rows())):
+        if flashbacks is None:
+            trainer = TKITrainer(
+                tiny_llama(),
+                args=TKIConfig(**common(tmp_path, name, max_steps=2), kr=False, pcgrad=False),
+                train_dataset=rows(),
+                processing_class=tiny_tokenizer(),
+                peft_config=tki_config(),
+            )
+        else:
+            trainer = flashback_trainer(tmp_path, name, max_steps=2)
+        calls[name] = forwards = []
+        decoder = trainer.model.get_base_model().model
+        decoder.register_forward_hook(lambda *_, seen=forwards: seen.append(torch.is_grad_enabled()))
+        trainer.train()
+    assert len(calls["without"]) == 2 and all(calls["without"])
+    assert len(calls["with"]) == 6
+    assert calls["with"].count(False) == 2
+
+
+def test_flashbacks_load_from_files_folders_and_messages_without_ids(tmp_path):
+    messages = [
+        {"messages": [{"role": "user", "content": p}, {"role": "assistant", "content": "ignored"}]} for p in FLASHBACKS
+    ]
+    path = tmp_path / "old.jsonl"
+    path.write_text("\n".join(json.dumps(m) for m in messages))
+    from_file = load_flashback_rows(str(path))
+    assert from_file.column_names == ["prompt"]
+    assert from_file[0]["prompt"] == [{"role": "user", "content": FLASHBACKS[0]}]
+    Dataset.from_list([{"prompt": p, "completion": "x"} for p in FLASHBACKS]).save_to_disk(str(tmp_path / "saved"))
+    assert load_flashback_rows(str(tmp_path / "saved"))["prompt"] == FLASHBACKS
+    trainer = flashback_trainer(
+        tmp_path,
+        "messages",
+        flashbacks=str(path),
+        train=rows(with_queries=False),
+        query_encoder="embedded",
+        peft_config=tki_config(key_dim=384),
+    )
+    tokenizer = tiny_tokenizer()
+    expected = tokenizer.apply_chat_template(from_file[0]["prompt"], add_generation_prompt=True, tokenize=True)
+    assert trainer._flashbacks.token_ids[0] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert trainer._flashbacks.query_embeddings.shape == (len(FLASHBACKS), 384)
+    with pytest.raises(ValueError, match="'prompt' or 'messages'"):
+        load_flashback_rows(Dataset.from_list([{"question": "x"}]))
+
+
+def test_reference_continuations_are_generated_once_and_cached_as_safetensors(tmp_path, monkeypatch):
+    trainer = flashback_trainer(tmp_path, "continued", flashback_continuation_tokens=3)
+    cached = list((tmp_path / "continued" / "_tki_cache" / "flashbacks").glob("*.safetensors"))
+    assert len(cached) == 1
+    prompts = [tiny_tokenizer()(p)["input_ids"] for p in FLASHBACKS]
+    extended = trainer._flashbacks.token_ids
+    assert all(e[: len(p)] == p and 0 < len(e) - len(p) <= 3 for e, p in zip(extended, prompts))
+
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("the cached continuations should have been read")
+
+    monkeypatch.setattr(flashback_prompts, "_generate", refuse)
+    again = flashback_trainer(tmp_path, "continued", flashback_continuation_tokens=3)
+    assert again._flashbacks.token_ids == extended
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (dict(flashback_weight=-1.0), "flashback_weight"),
+        (dict(flashback_divergence="hellinger"), "flashback_divergence"),
+        (dict(flashbacks_per_step=0), "flashbacks_per_step"),
+        (dict(flashback_dataset="old", fsdp="full_shard", lta=False, kr=False), "train with DDP"),
+        (dict(flashback_continuation_tokens=16, max_length=16), "max_length"),
+    ],
+)
+def test_flashback_settings_tki_cannot_honour_are_refused_by_the_config(tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        TKIConfig(**common(tmp_path, "bad"), **overrides)
