@@ -70,8 +70,8 @@ class TKIConfig(SFTConfig, PriorInputArguments):
     pcgrad: bool = field(
         default=True,
         metadata={
-            "help": "Project conflicting gradients of the SFT and reinstatement objectives (PCGrad); "
-            "without kr there is one objective and nothing to project."
+            "help": "Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks: "
+            "PCGrad); with only SFT active there is nothing to project."
         },
     )
     reinstatement_alpha: float = field(

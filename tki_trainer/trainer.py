@@ -57,7 +57,8 @@ class TKITrainer(SFTTrainer):
     are computed with ``args.query_encoder`` and missing group ids hashed from the id; with ``kr``, ``messages``
     rows are split at their last assistant turn and missing prior inputs are computed at construction
     (``prior_inputs_mode="store"``) or per batch (``"on_the_fly"``). With ``lta`` a `peft.LoraConfig` becomes
-    the TKI adapter built from it. Everything that can be checked is checked before the expensive work starts.
+    the TKI adapter built from it. A ``flashback_dataset`` (here or in ``args``) adds Joint Flashback Adaptation's
+    divergence to the model before training on old tasks' prompts. Everything that can be checked is checked before the expensive work starts.
     """
 
     _tag_names = ["trl", "sft", "tki"]
@@ -275,8 +276,9 @@ class TKITrainer(SFTTrainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Route the micro-batch for its forward and backward passes (activation checkpointing recomputes layers
-        during backward). With PCGrad each objective's gradient is accumulated on its own and projected once per
-        optimizer step; with LTA on several processes the bank's sparse gradients are reduced here, not by DDP."""
+        during backward), then take a flashback micro-batch under its own routing. With PCGrad each objective's
+        gradient is accumulated on its own and projected once per optimizer step; with LTA or flashbacks on several
+        processes the gradients are reduced here, not by DDP."""
         own_reduction = self._pcgrad is not None or self._reducer is not None
         reduction = self.accelerator.no_sync(model) if own_reduction else contextlib.nullcontext()
         with reduction:
