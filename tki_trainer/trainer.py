@@ -47,7 +47,8 @@ from .tuner.model import find_tuner
 
 
 CACHE_DIR = "_tki_cache"
-"""Under ``output_dir``: computed query embeddings and prior inputs. ``push_to_hub`` skips ``_*`` paths."""
+"""Under ``output_dir``: computed query embeddings, prior inputs and flashback continuations. ``push_to_hub``
+skips ``_*`` paths."""
 
 
 class TKITrainer(SFTTrainer):
@@ -58,7 +59,8 @@ class TKITrainer(SFTTrainer):
     rows are split at their last assistant turn and missing prior inputs are computed at construction
     (``prior_inputs_mode="store"``) or per batch (``"on_the_fly"``). With ``lta`` a `peft.LoraConfig` becomes
     the TKI adapter built from it. A ``flashback_dataset`` (here or in ``args``) adds Joint Flashback Adaptation's
-    divergence to the model before training on old tasks' prompts. Everything that can be checked is checked before the expensive work starts.
+    divergence to the model before training on old tasks' prompts. Everything that can be checked is checked
+    before the expensive work starts.
     """
 
     _tag_names = ["trl", "sft", "tki"]
