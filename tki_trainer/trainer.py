@@ -132,7 +132,7 @@ class TKITrainer(SFTTrainer):
         self._pcgrad = PCGradAccumulator(trainable, objectives) if args.pcgrad and objectives > 1 else None
         self._capture = SubsetGradients(self.model, trainable) if self._pcgrad is not None and args.kr else None
         self._reducer = None
-        if self._pcgrad is None and (args.lta or self._flashbacks) and self.accelerator.num_processes > 1:
+        if self._pcgrad is None and (args.lta or self._flashbacks is not None) and self.accelerator.num_processes > 1:
             # DDP's buckets cannot take the bank's row-sparse gradients, nor a second backward per micro-batch (the
             # flashbacks'): gradients are reduced here, once per step.
             self._reducer = PCGradAccumulator(trainable, num_objectives=1)
