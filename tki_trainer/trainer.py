@@ -117,10 +117,10 @@ class TKITrainer(SFTTrainer):
                 "The MoE auxiliary loss is a batch-level term that knowledge reinstatement cannot compare per example: "
                 "set router_aux_loss_coef=0.0, or kr=False."
             )
-        self._store = self._prior_input_store(train_dataset) if args.kr and args.prior_inputs_mode == "store" else None
         self._reference: Reference | None = None
         self._flashbacks = None if flashback_rows is None else self._flashback_set(flashback_rows, model)
         self._flashback_draws: int | None = None
+        self._store = self._prior_input_store(train_dataset) if args.kr and args.prior_inputs_mode == "store" else None
         self.data_collator = TKICollator(
             base=self.data_collator,
             query_column=args.query_embedding_column if args.lta else None,
