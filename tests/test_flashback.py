@@ -90,6 +90,39 @@ def test_the_divergence_is_zero_at_the_first_step_and_grows_as_the_model_moves(t
     assert divergences[-1] > 1e-4
 
 
+def adapter_after_training(tmp_path, name, flashbacks, pcgrad):
+    """An adapter that arrives trained (so the shared LoRA and the bank are not zero) after three steps."""
+    model = trained_like(get_peft_model(tiny_llama(), tki_config()))
+    if flashbacks:
+        trainer = flashback_trainer(tmp_path, name, model=model, pcgrad=pcgrad, learning_rate=5e-2)
+    else:
+        trainer = TKITrainer(
+            model,
+            args=TKIConfig(**common(tmp_path, name, learning_rate=5e-2), kr=False, pcgrad=pcgrad),
+            train_dataset=rows(),
+            processing_class=tiny_tokenizer(),
+        )
+    trainer.train()
+    return {n: p.detach().clone() for n, p in trainer.model.named_parameters() if p.requires_grad}, trainer
+
+
+def test_the_flashback_gradient_reaches_the_update_with_and_without_pcgrad(tmp_path):
+    """From the second step the model differs from the reference, so flashbacks change the update; with PCGrad
+    over (SFT, flashback) the update is their plain sum wherever the two never conflicted."""
+    plain, _ = adapter_after_training(tmp_path, "plain", flashbacks=False, pcgrad=False)
+    summed, _ = adapter_after_training(tmp_path, "summed", flashbacks=True, pcgrad=False)
+    projected, trainer = adapter_after_training(tmp_path, "projected", flashbacks=True, pcgrad=True)
+    assert any(not torch.allclose(summed[n], plain[n]) for n in plain)
+    assert any(not torch.allclose(projected[n], plain[n]) for n in plain)
+    logs = [entry for entry in trainer.state.log_history if "pcgrad_cosine_flashback" in entry]
+    assert len(logs) == 3 and all(-1 <= entry["pcgrad_cosine_flashback"] <= 1 for entry in logs)
+    if all(entry["pcgrad_conflict_rate"] == 0 for entry in logs):
+        for name in plain:
+            torch.testing.assert_close(projected[name], summed[name], atol=1e-6, rtol=1e-5)
+    else:
+        assert any(not torch.allclose(projected[n], summed[n]) for n in plain)
+
+
 def perturbed(trainer, seed=5, scale=0.2):
     """Move every adapter weight away from the reference, so that the divergence and its gradient are not zero."""
     generator = torch.Generator().manual_seed(seed)

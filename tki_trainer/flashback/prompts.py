@@ -66,7 +66,7 @@ def _messages_prompt(row: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass
 class FlashbackBatch:
-    """Right-padded flashback sequences; the divergence is taken at every real position."""
+    """Padded flashback sequences; the divergence is taken at every real position."""
 
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
@@ -129,10 +129,13 @@ class Flashbacks:
             permutations[epoch] = torch.randperm(len(self), generator=generator).tolist()
         return [permutations[p // len(self)][p % len(self)] for p in positions]
 
-    def batch(self, rows: list[int], device: torch.device | str = "cpu") -> FlashbackBatch:
+    def batch(
+        self, rows: list[int], device: torch.device | str = "cpu", padding_side: str = "right"
+    ) -> FlashbackBatch:
+        """The rows as one batch: right-padded for training (TRL's layout), left-padded for generation."""
         ids = [torch.tensor(self.token_ids[i]) for i in rows]
-        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id)
-        attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True)
+        input_ids = pad_sequence(ids, batch_first=True, padding_value=self.pad_token_id, padding_side=padding_side)
+        attention_mask = pad_sequence([torch.ones_like(i) for i in ids], batch_first=True, padding_side=padding_side)
         pick = torch.tensor(rows)
         queries = None if self.query_embeddings is None else self.query_embeddings[pick].to(device)
         groups = None if self.group_ids is None else self.group_ids[pick].to(device)
@@ -199,17 +202,12 @@ def _generate(
     continuations: list[torch.Tensor] = []
     for start in tqdm(range(0, len(flashbacks), batch_size), desc="Flashbacks: reference continuations"):
         rows = list(range(start, min(start + batch_size, len(flashbacks))))
-        batch = flashbacks.batch(rows, device)
+        batch = flashbacks.batch(rows, device, padding_side="left")
         width = batch.input_ids.shape[1]
-        lengths = batch.attention_mask.sum(dim=1)
-        # Left-pad for generation: each row's prompt ends at the last column.
-        shift = (width - lengths).tolist()
-        input_ids = torch.stack([row.roll(s) for row, s in zip(batch.input_ids, shift)])
-        attention_mask = torch.stack([row.roll(s) for row, s in zip(batch.attention_mask, shift)])
         with reference.active(), batch.routing(model):
             output = model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_mask,
                 max_new_tokens=tokens,
                 do_sample=False,
                 pad_token_id=flashbacks.pad_token_id,
