@@ -6,11 +6,18 @@ import json
 import os
 import platform
 import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib.metadata import version
 from pathlib import Path
 
+import numpy as np
 import torch
+from datasets import Dataset
 
+from tki_trainer._io import staged_file
+from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.presets import prior_input_config
 
 
@@ -65,3 +72,63 @@ def write_results(name: str, payload: dict, table: str) -> None:
     (RESULTS / f"{name}.md").write_text(
         f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n"
     )
+
+
+def as_json(value: dict) -> dict:
+    """``value`` as it reads back from a saved record (tuples become lists), so that the two compare equal."""
+    return json.loads(json.dumps(value))
+
+
+def read_record(path: Path) -> dict:
+    """A saved piece of a resumable benchmark; empty when it was never written."""
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_record(path: Path, record: dict) -> None:
+    with staged_file(path) as staging:
+        staging.write_text(json.dumps(record, indent=1) + "\n")
+
+
+def evaluate(model, tokenizer, dataset: Dataset, group: str) -> dict:
+    """Greedy answers (routed when the model holds the bank), scored overall, per group and per example."""
+    budgets = answer_budgets(tokenizer, dataset["references"], dataset[group])
+    answers = generate_answers(model, tokenizer, dataset, max_new_tokens=budgets, group_column=group, batch_size=8)
+    return scored(answers, dataset, group)
+
+
+def scored(answers: list[str], dataset: Dataset, group: str) -> dict:
+    references, groups = list(dataset["references"]), list(dataset[group])
+    members = defaultdict(list)
+    for index, name in enumerate(groups):
+        members[name].append(index)
+    return {
+        "all": score(answers, references),
+        "by_group": {
+            name: score([answers[i] for i in rows], [references[i] for i in rows])
+            for name, rows in sorted(members.items())
+        },
+        "ids": list(dataset["id"]),
+        "answers": answers,
+        "per_example": score_examples(answers, references),
+    }
+
+
+def mean_sd(values: list[float]) -> str:
+    if not values:
+        return "–"
+    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
+
+
+@contextmanager
+def saved_figure(filename: str, **layout) -> Iterator:
+    """Axes of a new figure, written to ``results/<filename>`` when the block ends."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(**layout)
+    yield axes
+    figure.tight_layout()
+    figure.savefig(RESULTS / filename, dpi=120)
+    plt.close(figure)

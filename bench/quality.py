@@ -31,8 +31,6 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -44,9 +42,21 @@ from peft import PeftModel
 from torch import nn
 from trl import SFTConfig, SFTTrainer
 
-from common import P3, RESULTS, SNI, STAGE1, write_results
+from common import (
+    P3,
+    RESULTS,
+    SNI,
+    STAGE1,
+    as_json,
+    evaluate,
+    mean_sd,
+    read_record,
+    saved_figure,
+    scored,
+    write_record,
+    write_results,
+)
 from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lora_config, load_embedded_model
-from tki_trainer._io import staged_file
 from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import (
     add_query_embeddings,
@@ -61,7 +71,6 @@ from tki_trainer.data import (
     sni_splits,
 )
 from tki_trainer.embedded import load_embedded_encoder
-from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
 from tki_trainer.evaluation.comparison import paired_bootstrap
 from tki_trainer.evaluation.heuristics import heuristic_predictions
 from tki_trainer.presets import shared_lora_config
@@ -237,19 +246,12 @@ def run_name(method: str, lr: float, seed: int, reading: str = "embedded") -> st
     return f"{method}-lr{lr:g}-s{seed}{suffix}"
 
 
-def as_json(value: dict) -> dict:
-    """``value`` as it reads back from a saved record (tuples become lists), so that the two compare equal."""
-    return json.loads(json.dumps(value))
-
-
 def saved(name: str, runs: Path = RUNS) -> dict:
-    path = runs / f"{name}.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_record(runs / f"{name}.json")
 
 
 def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
-    with staged_file(runs / f"{name}.json") as staging:
-        staging.write_text(json.dumps(record, indent=1) + "\n")
+    write_record(runs / f"{name}.json", record)
 
 
 class Bench:
@@ -401,30 +403,6 @@ class Bench:
         save_record("copy_demo", record, self.runs)
 
 
-def evaluate(model, tokenizer, dataset: Dataset, group: str) -> dict:
-    """Greedy answers (routed when the model holds the bank), scored overall, per group and per example."""
-    budgets = answer_budgets(tokenizer, dataset["references"], dataset[group])
-    answers = generate_answers(model, tokenizer, dataset, max_new_tokens=budgets, group_column=group, batch_size=8)
-    return scored(answers, dataset, group)
-
-
-def scored(answers: list[str], dataset: Dataset, group: str) -> dict:
-    references, groups = list(dataset["references"]), list(dataset[group])
-    members = defaultdict(list)
-    for index, name in enumerate(groups):
-        members[name].append(index)
-    return {
-        "all": score(answers, references),
-        "by_group": {
-            name: score([answers[i] for i in rows], [references[i] for i in rows])
-            for name, rows in sorted(members.items())
-        },
-        "ids": list(dataset["id"]),
-        "answers": answers,
-        "per_example": score_examples(answers, references),
-    }
-
-
 def bigbench_source(work_dir: Path, given: str | None) -> Path:
     """The bigbench==1.0.0 sdist, read in place (downloaded from PyPI when not given)."""
     if given:
@@ -545,12 +523,6 @@ def rows_of(runs: dict[str, dict], method: str, test: str) -> dict[int, dict]:
 
 def per_example(results: dict[int, dict], metric: str = "rougeL") -> np.ndarray:
     return np.array([result["per_example"][metric] for result in results.values()])
-
-
-def mean_sd(values: list[float]) -> str:
-    if not values:
-        return "–"
-    return f"{np.mean(values):.1f}" + (f" ± {np.std(values, ddof=1):.1f}" if len(values) > 1 else "")
 
 
 def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
@@ -799,21 +771,6 @@ def reproductions(runs: dict[str, dict]) -> dict:
             "examples": len(first["answers"]),
         }
     return found
-
-
-@contextmanager
-def saved_figure(filename: str, **layout) -> Iterator:
-    """Axes of a new figure, written to ``results/<filename>`` when the block ends."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axes = plt.subplots(**layout)
-    yield axes
-    figure.tight_layout()
-    figure.savefig(RESULTS / filename, dpi=120)
-    plt.close(figure)
 
 
 def plot_curves(curves: dict[str, dict]) -> None:
