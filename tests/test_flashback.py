@@ -234,6 +234,39 @@ def test_flashbacks_load_from_files_folders_and_messages_without_ids(tmp_path):
         load_flashback_rows(Dataset.from_list([{"question": "x"}]))
 
 
+def card_of(trainer, tmp_path, name):
+    trainer.create_model_card()
+    return (tmp_path / name / "README.md").read_text()
+
+
+def test_the_model_card_says_what_the_adapter_was_kept_close_to(tmp_path):
+    path = tmp_path / "old.jsonl"
+    path.write_text("\n".join(json.dumps(row) for row in flashback_rows()))
+    from_config = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**common(tmp_path, "config"), kr=False, flashback_dataset=str(path)),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
+    card = card_of(from_config, tmp_path, "config")
+    assert (
+        f"{len(FLASHBACKS)} flashback prompts of `{path}`, 1 per micro-batch, routed through the latent bank" in card
+    )
+    assert "kl divergence (weight 1) to the model as it was before this training, over the prompt's positions." in card
+    bypassed = flashback_trainer(tmp_path, "bypassed", flashback_routing=False, flashback_divergence="js")
+    card = card_of(bypassed, tmp_path, "bypassed")
+    assert f"{len(FLASHBACKS)} flashback prompts, 2 per micro-batch, bypassing the latent bank; js divergence" in card
+    plain = TKITrainer(
+        tiny_llama(),
+        args=TKIConfig(**common(tmp_path, "plain"), kr=False),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+        peft_config=tki_config(),
+    )
+    assert "flashback" not in card_of(plain, tmp_path, "plain").lower()
+
+
 def test_reference_continuations_are_generated_once_and_cached_as_safetensors(tmp_path, monkeypatch):
     trainer = flashback_trainer(tmp_path, "continued", flashback_continuation_tokens=3)
     cached = list((tmp_path / "continued" / "_tki_cache" / "flashbacks").glob("*.safetensors"))

@@ -106,6 +106,22 @@ def test_paper_preset_holds_the_papers_values_and_marks_ours():
     assert (config.lta, config.kr, config.pcgrad) == (True, True, True)
 
 
+def test_the_recipe_takes_every_flashback_setting_on_its_command_line():
+    argv = ["--train_data", "org/sni", "--use_cpu", "true", "--flashback_dataset", "org/old-tasks"]
+    argv += ["--flashback_weight", "0.5", "--flashbacks_per_step", "3", "--flashback_divergence", "js"]
+    argv += ["--flashback_continuation_tokens", "8", "--flashback_routing", "false"]
+    _, config, resolved = sni_llama.parse(argv)
+    assert (config.flashback_dataset, config.flashback_weight, config.flashbacks_per_step) == ("org/old-tasks", 0.5, 3)
+    assert (config.flashback_divergence, config.flashback_continuation_tokens, config.flashback_routing) == (
+        "js",
+        8,
+        False,
+    )
+    assert resolved["flashback_weight"]["origin"] == "user"
+    with pytest.raises(SystemExit):
+        sni_llama.parse([*argv, "--flashback_divergence", "hellinger"])
+
+
 @pytest.mark.parametrize(
     "argv,message",
     [

@@ -62,14 +62,29 @@ def render_model_card(
     )
 
 
-def training_summary(args: Any, rows: int, dataset_name: str | None = None) -> str:
-    """The card's "Training" line, from a `TKIConfig`: rows, length, epochs, rate, effective batch, switches."""
+def training_summary(args: Any, rows: int, dataset_name: str | None = None, flashbacks: int = 0) -> str:
+    """The card's "Training" line, from a `TKIConfig`: rows, length, epochs, rate, effective batch, switches, and
+    the flashbacks when there were any (a continual stage: what the adapter was kept close to)."""
     source = f" of `{dataset_name}`" if dataset_name else ""
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
-    return (
+    summary = (
         f"{rows} rows{source}, at most {args.max_length} tokens, {args.num_train_epochs:g} epoch(s), learning rate "
         f"{args.learning_rate:g}, effective batch {batch}; {switches}, reinstatement alpha {args.reinstatement_alpha:g}."
+    )
+    if not flashbacks:
+        return summary
+    origin = f" of `{args.flashback_dataset}`" if args.flashback_dataset else ""
+    routing = "routed through the latent bank" if args.lta and args.flashback_routing else "bypassing the latent bank"
+    continuation = (
+        f" and a {args.flashback_continuation_tokens}-token continuation the reference generated"
+        if args.flashback_continuation_tokens
+        else ""
+    )
+    return (
+        f"{summary} Joint Flashback Adaptation: {flashbacks} flashback prompts{origin}, {args.flashbacks_per_step} per "
+        f"micro-batch, {routing}; {args.flashback_divergence} divergence (weight {args.flashback_weight:g}) to the "
+        f"model as it was before this training, over the prompt's positions{continuation}."
     )
 
 

@@ -462,7 +462,9 @@ class TKITrainer(SFTTrainer):
         card = render_model_card(
             find_tuner(self.model).peft_config[self._adapter],
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).name,
-            training_data=training_summary(self.args, rows, dataset_name),
+            training_data=training_summary(
+                self.args, rows, dataset_name, flashbacks=len(self._flashbacks) if self._flashbacks is not None else 0
+            ),
             evaluation=evaluation or evaluation_table(self.state.log_history),
         )
         write_model_card(self.args.output_dir, card)
