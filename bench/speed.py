@@ -2,7 +2,9 @@
 
 - Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only, full TKI, full TKI on
   mixed micro-batches (the prior input harder for some rows, the prompt for others; at micro-batch 1, a row
-  whose prior input is harder) and full TKI with a paper-sized bank (C=16, Q=12), at micro-batch 1 and 4.
+  whose prior input is harder), full TKI with a paper-sized bank (C=16, Q=12), and JFA (LTA with a flashback
+  micro-batch as large as the training one per micro-batch, routed, PCGrad over SFT and flashbacks), at
+  micro-batch 1 and 4.
   Every configuration steps on the same real P3 rows (<= 256 tokens): the first batch on which the mixed store
   mixes, rows in dataset order. Timed interleaved, round by round with rotating order; ratios are of medians.
   Each step's backward passes are reported (the route it took).
@@ -53,7 +55,10 @@ CONFIGS = {
     "tki": dict(lta=True, kr=True, pcgrad=True),
     "tki_mixed": dict(lta=True, kr=True, pcgrad=True),
     "tki_m192": dict(lta=True, kr=True, pcgrad=True),
+    "jfa": dict(lta=True, kr=False, pcgrad=True),
 }
+FLASHBACKS = {"jfa"}
+"""Configurations that take a flashback micro-batch (the training rows' prompts) per training micro-batch."""
 
 
 def shared_lora() -> LoraConfig:
@@ -108,10 +113,18 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
         activation_checkpointing=False,
         dataset_num_proc=None,
         train_sampling_strategy="sequential",
+        flashbacks_per_step=batch,
         **switches,
         **stage1,
     )
-    trainer = TKITrainer(model, args=args, train_dataset=dataset, processing_class=tokenizer, peft_config=peft_config)
+    trainer = TKITrainer(
+        model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        flashback_dataset=dataset if name in FLASHBACKS else None,
+    )
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.model.train()
     return trainer
@@ -171,6 +184,7 @@ def training_steps(dataset, store_dirs, rounds: int, positions: dict[int, int], 
             "seconds": times,
             "over_sft": {name: median[name] / median["sft"] for name in CONFIGS},
             "m192_over_m32": median["tki_m192"] / median["tki"],
+            "jfa_over_lta": median["jfa"] / median["lta"],
             "backward_passes": {name: mean_metric(trainers[name], "pcgrad_backward_passes") for name in CONFIGS},
             "reinst_q_win_rate": {name: mean_metric(trainers[name], "reinst_q_win_rate") for name in CONFIGS},
         }
@@ -286,16 +300,19 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
     lines = [
         "TKI over LoRA SFT, embedded SmolLM2-135M, the embedded preset's bank (C=4, Q=8, k=2, r=8 on q/v), P3 rows <= 256",
         f"tokens; step = forward, backward(s), PCGrad, AdamW; medians of {rounds} interleaved rounds. Targets: LTA <= 1.10,",
-        "full TKI <= 2.2, M=192 / M=32 <= 1.05, routed generation >= 0.9 x LoRA.",
+        "full TKI <= 2.2, M=192 / M=32 <= 1.05, routed generation >= 0.9 x LoRA. JFA: a flashback micro-batch as large as",
+        "the training one (one more forward and backward through the adapted model, one no-grad forward through the",
+        "reference).",
         "",
-        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI mixed / SFT | TKI M=192 / M=32 | SFT s/step | backward passes KR, TKI, mixed |",
-        "|---|---|---|---|---|---|---|---|",
+        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | SFT s/step | backward passes KR, TKI, mixed |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, r in steps.items():
         ratio, passes = r["over_sft"], r["backward_passes"]
         lines.append(
             f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
-            f"{r['median_seconds']['sft']:.2f} | {passes['kr']:.2f}, {passes['tki']:.2f}, {passes['tki_mixed']:.2f} |"
+            f"{ratio['jfa']:.3f} | {r['jfa_over_lta']:.3f} | {r['median_seconds']['sft']:.2f} | "
+            f"{passes['kr']:.2f}, {passes['tki']:.2f}, {passes['tki_mixed']:.2f} |"
         )
     lines += [
         "",

@@ -1,29 +1,46 @@
-"""Train a tiny TKI model for a few steps and save its adapter; run by test_distributed.py with one process
+"""Train a tiny TKI model for a few steps and save its adapter and logs; run by test_distributed.py with one process
 (``python``) and with two (``accelerate launch --num_processes 2``)."""
 
+import json
 import sys
 from pathlib import Path
 
-from conftest import tiny_llama, tiny_tokenizer, tki_config
+import torch
+from datasets import Dataset
+
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
 from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
 
 
-def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool) -> None:
+FLASHBACKS = ["Is the capital", "Paris is the capital", "The island is land", "Is the land"]
+"""Prompts of one length (4 tokens): each process's divergence is a mean over its own tokens, so only prompts of
+equal length make two processes' mean of means the one process's mean."""
+
+
+def flashback_rows() -> Dataset:
+    queries = torch.randn(len(FLASHBACKS), KEY_DIM, generator=torch.Generator().manual_seed(11))
+    return Dataset.from_dict({"prompt": FLASHBACKS, "query_embedding": queries.tolist()})
+
+
+def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: bool):
     settings = common(
-        Path(output_dir), "run", max_steps=2, per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation,
-        learning_rate=1e-3, train_sampling_strategy="sequential",
+        Path(output_dir), "run", max_steps=3 if flashbacks else 2, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-2 if flashbacks else 1e-3,
+        train_sampling_strategy="sequential",
     )  # fmt: skip
     args = TKIConfig(
-        **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad
-    )
+        **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad,
+        flashbacks_per_step=batch,
+    )  # fmt: skip
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
-                         peft_config=tki_config())  # fmt: skip
+                         peft_config=tki_config(), flashback_dataset=flashback_rows() if flashbacks else None)  # fmt: skip
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")
+        Path(output_dir, "logs.json").write_text(json.dumps(trainer.state.log_history))
 
 
 if __name__ == "__main__":
-    output, store, batch, accumulation, kr, pcgrad = sys.argv[1:]
-    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad")
+    output, store, batch, accumulation, kr, pcgrad, flashbacks = sys.argv[1:]
+    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks == "flashbacks")
