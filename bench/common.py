@@ -89,9 +89,10 @@ def write_record(path: Path, record: dict) -> None:
         staging.write_text(json.dumps(record, indent=1) + "\n")
 
 
-def evaluate(model, tokenizer, dataset: Dataset, group: str) -> dict:
-    """Greedy answers (routed when the model holds the bank), scored overall, per group and per example."""
-    budgets = answer_budgets(tokenizer, dataset["references"], dataset[group])
+def evaluate(model, tokenizer, dataset: Dataset, group: str, cap: int = 256) -> dict:
+    """Greedy answers (routed when the model holds the bank) of at most ``cap`` tokens, scored overall, per group
+    and per example."""
+    budgets = answer_budgets(tokenizer, dataset["references"], dataset[group], cap=cap)
     answers = generate_answers(model, tokenizer, dataset, max_new_tokens=budgets, group_column=group, batch_size=8)
     return scored(answers, dataset, group)
 

@@ -64,13 +64,15 @@ RUNS = RESULTS / "continual"
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 STAGES = ("sentiment", "multiple_choice_qa", "closed_book_qa")
 """P3 train clusters, in the order they are learned."""
-MAX_LENGTH = 256
-TRAIN_ROWS = 96
+MAX_LENGTH = 192
+TRAIN_ROWS = 64
 EVAL_ROWS = 32
 """Held-out prompts per stage, and of P3's held-out clusters."""
 FLASHBACKS_PER_STAGE = 16
 """Old-stage prompts JFA keeps (and rows, with targets, replay keeps) of each earlier stage."""
 FLASHBACKS_PER_STEP = 2
+ANSWER_TOKENS = 24
+"""Generation budget per answer (at most): long references (reviews, wiki answers, bios) are scored on their start."""
 PER_TEMPLATE = 8
 """Rows read per prompt template before the subsets are drawn (every template stays represented)."""
 BATCH = 4
@@ -85,6 +87,7 @@ SETTINGS = {
     "eval_rows": EVAL_ROWS,
     "flashbacks_per_stage": FLASHBACKS_PER_STAGE,
     "flashbacks_per_step": FLASHBACKS_PER_STEP,
+    "answer_tokens": ANSWER_TOKENS,
     "per_template": PER_TEMPLATE,
     "batch": BATCH,
     "epochs": EPOCHS,
@@ -267,7 +270,7 @@ class Bench:
                 print(f"== evaluating {piece_name(run, seed, stage)} on {test}", flush=True)
                 rows = self.data.tests[test]
                 started = time.time()
-                result = evaluate(model, tokenizer, rows, "cluster" if test == "unseen" else "dataset")
+                result = evaluate(model, tokenizer, rows, "cluster", cap=ANSWER_TOKENS)
                 record.setdefault("eval", {})[test] = {**result, "seconds": time.time() - started}
                 write_record(path, record)
         return trained
