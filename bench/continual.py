@@ -30,8 +30,11 @@ command resumes where it stopped; ``--report`` only rebuilds the tables and the 
 from __future__ import annotations
 
 import argparse
+import hashlib
+import re
 import shutil
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -72,8 +75,13 @@ FLASHBACKS_PER_STAGE = 16
 """Old-stage prompts JFA keeps (and rows, with targets, replay keeps) of each earlier stage."""
 FLASHBACKS_PER_STEP = 2
 ANSWER_TOKENS = 24
-"""Generation budget per answer (at most): long references (reviews, wiki answers, bios) are scored on their start."""
-PER_TEMPLATE = 8
+"""Generation budget per answer: answers to long references (reviews, wiki answers, bios) are cut there, which
+bounds their ROUGE-L recall alike for every method."""
+SHINGLE_WORDS = 5
+TEMPLATE_TEXT = 20
+"""A word n-gram (or an answer) that more rows of a file share than this is a template's wording (or a label), not
+one example's text."""
+PER_TEMPLATE = 16
 """Rows read per prompt template before the subsets are drawn (every template stays represented)."""
 BATCH = 4
 EPOCHS = 2
@@ -88,6 +96,8 @@ SETTINGS = {
     "flashbacks_per_stage": FLASHBACKS_PER_STAGE,
     "flashbacks_per_step": FLASHBACKS_PER_STEP,
     "answer_tokens": ANSWER_TOKENS,
+    "shingle_words": SHINGLE_WORDS,
+    "template_text": TEMPLATE_TEXT,
     "per_template": PER_TEMPLATE,
     "batch": BATCH,
     "epochs": EPOCHS,
@@ -129,9 +139,53 @@ def piece_name(run: str, seed: int, stage: int) -> str:
     return "base" if stage == 0 else f"{run}-s{seed}-stage{stage}"
 
 
+def piece_config(run: str, seed: int, stage: int, runs: Path) -> dict:
+    """What defines a saved piece: its row's definition, seed and stage, the settings, and (from stage 2) the digest
+    of the adapter it started from, so a piece trained from another version of its previous stage is redone."""
+    parent = None
+    if stage > 1:
+        parent = read_record(runs / f"{piece_name(trained_as(run, stage - 1), seed, stage - 1)}.json")
+        parent = parent.get("adapter_sha256")
+    method = asdict(METHODS[run]) if stage > 0 else None
+    return as_json(
+        {"run": run, "seed": seed, "stage": stage, "method": method, "settings": SETTINGS, "parent": parent}
+    )
+
+
+def example_keys(prompts: list[str], completions: list[str]) -> list[frozenset]:
+    """What gives away a row's source example under any of P3's templates (each phrases the same examples): the
+    word n-grams of its prompt that few prompts of its file share (the example's own text, not a template's
+    wording), and its answer when few rows share it."""
+    grams = [frozenset(zip(*(words[i:] for i in range(SHINGLE_WORDS)))) for words in map(_words, prompts)]
+    counts = Counter(gram for row in grams for gram in row)
+    answers = [completion.strip().lower() for completion in completions]
+    answer_counts = Counter(answers)
+    return [
+        frozenset(gram for gram in row if counts[gram] <= TEMPLATE_TEXT)
+        | ({("answer", answer)} if answer_counts[answer] <= TEMPLATE_TEXT else frozenset())
+        for row, answer in zip(grams, answers)
+    ]
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\w+", text.lower()))
+
+
+def independent(rows: Dataset, keys: dict[str, frozenset], trained: set[str], seed: int) -> Dataset:
+    """The rows, in a seeded order, that are not ``trained`` rows and share no example key with them nor with a row
+    kept before them: held-out rows whose examples were not trained on, one row per example."""
+    shuffled = rows.shuffle(seed=seed)
+    seen, keep = set().union(*(keys[row_id] for row_id in trained)), []
+    for index, row_id in enumerate(shuffled["id"]):
+        if row_id not in trained and not keys[row_id] & seen:
+            keep.append(index)
+            seen |= keys[row_id]
+    return shuffled.select(keep)
+
+
 class Data:
-    """Per stage: training rows, held-out rows and the flashback rows (a subset of the training rows); the unseen
-    clusters' rows; all fitted into MAX_LENGTH tokens, with query embeddings."""
+    """Per stage: training rows, held-out rows of other source examples, and the flashback rows (a subset of the
+    training rows); rows of the unseen clusters; all fitted into MAX_LENGTH tokens, with query embeddings."""
 
     def __init__(self, tokenizer, work_dir: Path) -> None:
         encoder = load_embedded_encoder()
@@ -142,32 +196,33 @@ class Data:
         self.train: dict[int, Dataset] = {}
         self.flashbacks: dict[int, Dataset] = {}
         self.tests: dict[str, Dataset] = {}
-        self.fits: dict[str, dict] = {}
+        self.selection: dict[str, dict] = {}
         for stage, cluster in enumerate(STAGES, 1):
-            rows = load_p3(P3 / "train.jsonl.gz", clusters=[cluster], per_template=PER_TEMPLATE, conversational=True)
-            rows, report = fit_prompts(rows, tokenizer, MAX_LENGTH)
-            self.fits[cluster] = asdict(report)
+            rows, keys, fit = self.candidates("train.jsonl.gz", tokenizer, [cluster])
             train = balanced_subset(rows, "dataset", TRAIN_ROWS, seed=0)
-            rest = without_prompts(rows, train)
+            rest = independent(rows, keys, set(train["id"]), seed=0)
             self.train[stage] = embedded(train)
             self.flashbacks[stage] = balanced_subset(self.train[stage], "dataset", FLASHBACKS_PER_STAGE, seed=1)
-            self.tests[f"stage{stage}"] = embedded(
-                group_references(balanced_subset(rest, "dataset", EVAL_ROWS, seed=0))
-            )
-        unseen = group_references(load_p3(P3 / "heldout.jsonl.gz", per_template=PER_TEMPLATE, conversational=True))
-        unseen, report = fit_prompts(unseen, tokenizer, MAX_LENGTH)
-        self.fits["unseen"] = asdict(report)
-        self.tests["unseen"] = embedded(balanced_subset(unseen, "cluster", EVAL_ROWS, seed=0))
+            self.tests[f"stage{stage}"] = embedded(balanced_subset(rest, "dataset", EVAL_ROWS, seed=0))
+            self.selection[cluster] = {**fit, "rows": len(rows), "held_out_candidates": len(rest)}
+        rows, keys, fit = self.candidates("heldout.jsonl.gz", tokenizer)
+        rest = independent(rows, keys, set(), seed=0)
+        self.tests["unseen"] = embedded(balanced_subset(rest, "cluster", EVAL_ROWS, seed=0))
+        self.selection["unseen"] = {**fit, "rows": len(rows), "held_out_candidates": len(rest)}
+
+    @staticmethod
+    def candidates(file: str, tokenizer, clusters: list[str] | None = None) -> tuple[Dataset, dict, dict]:
+        """PER_TEMPLATE rows of every template of ``clusters`` (each prompt once, its answers as references), fitted,
+        with each row's example keys computed over the whole file's rows of those clusters."""
+        whole = load_p3(P3 / file, clusters=clusters)
+        keys = dict(zip(whole["id"], example_keys(whole["prompt"], whole["completion"])))
+        rows = load_p3(P3 / file, clusters=clusters, per_template=PER_TEMPLATE, conversational=True)
+        rows, report = fit_prompts(group_references(rows), tokenizer, MAX_LENGTH)
+        return rows, keys, asdict(report)
 
     def old(self, stage: int) -> Dataset | None:
         """The flashback rows of every stage before ``stage``."""
         return concatenate_datasets([self.flashbacks[s] for s in range(1, stage)]) if stage > 1 else None
-
-
-def without_prompts(rows: Dataset, taken: Dataset) -> Dataset:
-    """The rows whose prompt ``taken`` does not hold (held-out rows never repeat a training prompt)."""
-    seen = {repr(prompt) for prompt in taken["prompt"]}
-    return rows.filter(lambda prompt: repr(prompt) not in seen, input_columns="prompt")
 
 
 class Bench:
@@ -205,6 +260,7 @@ class Bench:
             dataset_num_proc=None,
         )
         rows, old = self.data.train[stage], self.data.old(stage)
+        flashbacks = old if spec.old_rows == "flashbacks" else None
         if spec.trainer == "sft":
             if spec.old_rows == "replay" and old is not None:
                 rows = concatenate_datasets([rows, old])
@@ -216,7 +272,6 @@ class Bench:
                 peft_config=shared_lora_config("embedded") if stage == 1 else None,
             )
         else:
-            flashbacks = old if spec.old_rows == "flashbacks" else None
             config = TKIConfig(
                 **args,
                 lta=True,
@@ -242,53 +297,57 @@ class Bench:
             "seconds": seconds,
             "steps": trainer.state.global_step,
             "rows": len(rows),
-            "flashbacks": 0 if spec.old_rows != "flashbacks" or old is None else len(old),
+            "flashbacks": 0 if flashbacks is None else len(flashbacks),
             "log_history": trainer.state.log_history,
         }
 
-    def ensure(self, run: str, seed: int, stage: int, retrain: bool) -> bool:
-        """Train (when missing, or when ``retrain``: its previous stage was trained again) and evaluate whatever
-        this piece lacks, saving each part as it ends. Returns whether it was trained now."""
-        path = self.runs / f"{piece_name(run, seed, stage)}.json"
-        config = as_json({"run": run, "seed": seed, "stage": stage, "settings": SETTINGS})
+    def ensure(self, run: str, seed: int, stage: int, adapter_needed: bool = False) -> None:
+        """Make this piece and every stage before it complete: train what is missing or was made from another
+        version of its previous stage, and run the evaluations it lacks, saving each part as it ends. An adapter
+        whose record is complete is only trained again when it is needed (to evaluate, or to train the next
+        stage from)."""
+        if stage > 1:
+            self.ensure(trained_as(run, stage - 1), seed, stage - 1)
+        name, path = piece_name(run, seed, stage), self.runs / f"{piece_name(run, seed, stage)}.json"
+        config = piece_config(run, seed, stage, self.runs)
         record = read_record(path)
         if record.get("config") != config:
             record = {"config": config}
-        trained = False
-        if stage > 0 and (retrain or "train" not in record or not self.adapter(run, seed, stage).is_dir()):
-            print(f"== training {piece_name(run, seed, stage)}", flush=True)
-            record = {"config": config, "train": self.train(run, seed, stage)}
-            write_record(path, record)
-            trained = True
+        adapter = self.adapter(run, seed, stage)
         missing = [test for test in TESTS if test not in record.get("eval", {})]
-        if missing:
-            model, tokenizer = load_embedded_model()
-            if stage > 0:
-                model = PeftModel.from_pretrained(model, str(self.adapter(run, seed, stage)))
-            model.to(DEVICE).eval()
-            for test in missing:
-                print(f"== evaluating {piece_name(run, seed, stage)} on {test}", flush=True)
-                rows = self.data.tests[test]
-                started = time.time()
-                result = evaluate(model, tokenizer, rows, "cluster", cap=ANSWER_TOKENS)
-                record.setdefault("eval", {})[test] = {**result, "seconds": time.time() - started}
-                write_record(path, record)
-        return trained
+        if stage > 0 and ("train" not in record or (not adapter.is_dir() and (missing or adapter_needed))):
+            if stage > 1:
+                self.ensure(trained_as(run, stage - 1), seed, stage - 1, adapter_needed=True)
+                config = piece_config(run, seed, stage, self.runs)
+            print(f"== training {name}", flush=True)
+            train = self.train(run, seed, stage)
+            digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+            record = {"config": config, "train": train, "adapter_sha256": digest}
+            write_record(path, record)
+            missing = list(TESTS)
+        if not missing:
+            return
+        model, tokenizer = load_embedded_model()
+        if stage > 0:
+            model = PeftModel.from_pretrained(model, str(adapter))
+        model.to(DEVICE).eval()
+        for test in missing:
+            print(f"== evaluating {name} on {test}", flush=True)
+            started = time.time()
+            result = evaluate(model, tokenizer, self.data.tests[test], "cluster", cap=ANSWER_TOKENS)
+            record.setdefault("eval", {})[test] = {**result, "seconds": time.time() - started}
+            write_record(path, record)
 
     def run(self, methods: list[str], seeds: list[int]) -> None:
-        write_record(self.runs / "data.json", {"fits": self.data.fits, "sizes": self.sizes()})
-        self.ensure("base", 0, 0, retrain=False)
-        for seed in seeds:
-            for method in methods:
-                retrain = False
-                for stage in range(1, len(STAGES) + 1):
-                    retrain = self.ensure(trained_as(method, stage), seed, stage, retrain)
-
-    def sizes(self) -> dict:
-        return {
+        sizes = {
             **{f"train{stage}": len(rows) for stage, rows in self.data.train.items()},
             **{test: len(rows) for test, rows in self.data.tests.items()},
         }
+        write_record(self.runs / "data.json", {"selection": self.data.selection, "sizes": sizes})
+        self.ensure("base", 0, 0)
+        for seed in seeds:
+            for method in methods:
+                self.ensure(method, seed, len(STAGES))
 
 
 # Report ------------------------------------------------------------------------------------------------------------
@@ -296,13 +355,19 @@ class Bench:
 
 def matrix(method: str, seed: int, runs: Path = RUNS) -> list[dict] | None:
     """Row ``i`` = the per-test results after stage ``i`` (row 0: the base model); None until every stage of this
-    method and seed has every test."""
+    method and seed has every test under the current settings, each trained from the saved previous stage."""
     rows = []
     for stage in range(len(STAGES) + 1):
-        record = read_record(runs / f"{piece_name(trained_as(method, max(stage, 1)), seed, stage)}.json")
-        if set(record.get("eval", {})) < set(TESTS):
+        run = "base" if stage == 0 else trained_as(method, stage)
+        record = read_record(runs / f"{piece_name(run, seed, stage)}.json")
+        if record.get("config") != piece_config(run, seed, stage, runs) or not set(TESTS) <= set(
+            record.get("eval", {})
+        ):
             return None
         rows.append(record["eval"])
+    for test in TESTS:
+        if any(row[test]["ids"] != rows[0][test]["ids"] for row in rows):
+            raise ValueError(f"{method} at seed {seed} was scored on other {test} rows than the base model: rerun it.")
     return rows
 
 
@@ -311,25 +376,44 @@ def scores(rows: list[dict], test: str, stage: int) -> np.ndarray:
 
 
 def measures(rows: list[dict]) -> dict[str, np.ndarray]:
-    """Per-example vectors of one method and seed. ``forgetting``: the score on each earlier stage's held-out rows
-    after the last stage minus right after learning that stage (backward transfer; below 0 = forgotten);
-    ``new``: each stage's score right after learning it (plasticity); ``final``: every stage after the last;
-    ``unseen``: the unseen clusters after the last stage; ``unseen_change``: that minus the base model's."""
+    """Per-example vectors of one method and seed. ``bwt`` (backward transfer): the score on each earlier stage's
+    held-out rows after the last stage minus right after learning that stage (below 0: forgotten); ``new``: stages
+    2 and 3 right after learning them (plasticity; stage 1 is one model for the methods that share it); ``final``:
+    every stage after the last; ``unseen``: the unseen clusters after the last stage; ``unseen_change``: that minus
+    the base model's (a difference between methods cancels the base, so it is compared as ``unseen``)."""
     last = len(STAGES)
-    stages = range(1, last + 1)
     return {
-        "forgetting": np.concatenate(
+        "bwt": np.concatenate(
             [scores(rows, f"stage{j}", last) - scores(rows, f"stage{j}", j) for j in range(1, last)]
         ),
-        "new": np.concatenate([scores(rows, f"stage{j}", j) for j in stages]),
-        "final": np.concatenate([scores(rows, f"stage{j}", last) for j in stages]),
+        "new": np.concatenate([scores(rows, f"stage{j}", j) for j in range(2, last + 1)]),
+        "final": np.concatenate([scores(rows, f"stage{j}", last) for j in range(1, last + 1)]),
         "unseen": scores(rows, "unseen", last),
         "unseen_change": scores(rows, "unseen", last) - scores(rows, "unseen", 0),
     }
 
 
-MEASURES = ("forgetting", "new", "final", "unseen", "unseen_change")
+MEASURES = ("bwt", "new", "final", "unseen", "unseen_change")
+COMPARED_MEASURES = ("bwt", "new", "final", "unseen")
 COMPARED = (("jfa", "sft"), ("jfa", "replay"), ("replay", "sft"), ("jfa", "jfa_no_jtl"), ("jfa", "lta"))
+"""The first pair on ``bwt`` is the benchmark's question; the others are read as secondary (no correction for the
+number of comparisons)."""
+
+
+def replay_share(sft: np.ndarray, replay: np.ndarray, jfa: np.ndarray, resamples: int = 10_000) -> dict:
+    """(JFA − SFT) / (replay − SFT) of the mean backward transfer: the part of the forgetting that replay removes
+    which JFA removes too, with a bootstrap interval (seeds and examples drawn once for all three, as paired)."""
+    rng = np.random.default_rng(0)
+    seeds = rng.integers(0, sft.shape[0], size=(resamples, sft.shape[0]))
+    examples = rng.integers(0, sft.shape[1], size=(resamples, sft.shape[1]))
+
+    def mean(scores: np.ndarray) -> np.ndarray:
+        return np.take_along_axis(scores[seeds].mean(axis=1), examples, axis=1).mean(axis=1)
+
+    ratios = (mean(jfa) - mean(sft)) / (mean(replay) - mean(sft))
+    low, high = np.quantile(ratios, [0.025, 0.975])
+    share = (jfa.mean() - sft.mean()) / (replay.mean() - sft.mean())
+    return {"share": float(share), "low": float(low), "high": float(high)}
 
 
 def report(runs: Path = RUNS) -> None:
@@ -346,15 +430,21 @@ def report(runs: Path = RUNS) -> None:
         | {"seeds": sorted(by_seed)}
         for method, by_seed in per_method.items()
     }
-    comparisons = {}
+    comparisons, share = [], None
     for a, b in COMPARED:
-        if a in per_method and b in per_method:
-            common = sorted(set(per_method[a]) & set(per_method[b]))
-            for name in MEASURES:
-                first = np.stack([per_method[a][s][name] for s in common])
-                second = np.stack([per_method[b][s][name] for s in common])
-                result = paired_bootstrap(first, second, paired_seeds=True).to_dict()
-                comparisons[f"{a}_minus_{b}_{name}"] = {**result, "seeds": common}
+        common = sorted(set(per_method.get(a, {})) & set(per_method.get(b, {})))
+        if not common:
+            continue
+        for name in COMPARED_MEASURES:
+            first = np.stack([per_method[a][s][name] for s in common])
+            second = np.stack([per_method[b][s][name] for s in common])
+            result = paired_bootstrap(first, second, paired_seeds=True).to_dict()
+            comparisons.append({"a": a, "b": b, "measure": name, "seeds": common, **result})
+    replay_gain = next((c for c in comparisons if (c["a"], c["b"], c["measure"]) == ("replay", "sft", "bwt")), None)
+    if replay_gain is not None and replay_gain["low"] > 0 and "jfa" in per_method:
+        common = sorted(set(per_method["sft"]) & set(per_method["replay"]) & set(per_method["jfa"]))
+        stacked = [np.stack([per_method[m][s]["bwt"] for s in common]) for m in ("sft", "replay", "jfa")]
+        share = {**replay_share(*stacked), "seeds": common}
     accuracy = {
         method: np.mean(
             [
@@ -366,14 +456,15 @@ def report(runs: Path = RUNS) -> None:
         for method, by_seed in found.items()
     }
     data = read_record(runs / "data.json")
-    table = markdown(table_rows, comparisons, accuracy, data)
+    table = markdown(table_rows, comparisons, share, replay_gain, accuracy, data)
     payload = {
         "rows": table_rows,
         "comparisons": comparisons,
+        "replay_share": share,
         "accuracy_matrices": accuracy,
         "data": data,
         "settings": {**SETTINGS, "seeds": SEEDS, "tki": embedded_lora_config().to_dict(), "device": DEVICE},
-        "training": training_summary(runs),
+        "training": training_summary(found, runs),
     }
     write_results("continual", payload, table)
     if accuracy:
@@ -381,38 +472,43 @@ def report(runs: Path = RUNS) -> None:
     print(table)
 
 
-def training_summary(runs: Path) -> dict:
-    """Per trained piece: its seconds, steps and the mean of each logged flashback quantity."""
+def training_summary(found: dict, runs: Path) -> dict:
+    """Per trained piece of the reported rows: its seconds, steps, rows, and the mean of each logged flashback and
+    PCGrad quantity."""
     summary = {}
-    for path in sorted(runs.glob("*-stage*.json")):
-        train = read_record(path).get("train")
-        if train is None:
-            continue
-        logged = {
-            key: float(np.mean(values))
-            for key in ("loss_flashback", "pcgrad_conflict_rate", "pcgrad_cosine_flashback")
-            if (values := [entry[key] for entry in train["log_history"] if key in entry])
-        }
-        summary[path.stem] = {"seconds": train["seconds"], "steps": train["steps"], **logged}
+    for method, by_seed in found.items():
+        for seed in by_seed:
+            for stage in range(1, len(STAGES) + 1):
+                name = piece_name(trained_as(method, stage), seed, stage)
+                train = read_record(runs / f"{name}.json")["train"]
+                logged = {
+                    key: float(np.mean(values))
+                    for key in ("loss_flashback", "pcgrad_conflict_rate", "pcgrad_cosine_flashback")
+                    if (values := [entry[key] for entry in train["log_history"] if key in entry])
+                }
+                summary[name] = {k: train[k] for k in ("seconds", "steps", "rows", "flashbacks")} | logged
     return summary
 
 
-def markdown(rows: dict, comparisons: dict, accuracy: dict, data: dict) -> str:
+def markdown(rows: dict, comparisons: list, share: dict | None, replay_gain: dict | None, accuracy, data) -> str:
     sizes = data.get("sizes", {})
+    held = ", ".join(f"{sizes.get(f'stage{s}', EVAL_ROWS)}" for s in range(1, len(STAGES) + 1))
     lines = [
         f"Continual instruction tuning, embedded SmolLM2-135M: three stages of P3 train clusters ({', '.join(STAGES)}), "
-        f"{TRAIN_ROWS} rows each, {EPOCHS} epochs per stage at lr {LEARNING_RATE:g}; held-out rows per stage: "
-        f"{sizes.get('stage1', EVAL_ROWS)}; unseen = {sizes.get('unseen', EVAL_ROWS)} prompts of P3's held-out "
-        f"clusters. JFA keeps {FLASHBACKS_PER_STAGE} prompts of each old stage; replay keeps the same rows with "
-        "their targets. ROUGE-L x100, greedy answers, mean ± sd over seeds. Produced by "
-        "`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/continual.py` (resumable; `--report` "
-        "rebuilds this page).",
+        f"{TRAIN_ROWS} rows each, {EPOCHS} epochs per stage at lr {LEARNING_RATE:g}, each stage starting from the "
+        f"previous stage's adapter. Held-out rows per stage: {held}, none of them (and no two of them) the same "
+        f"source example under another template; unseen = {sizes.get('unseen', EVAL_ROWS)} prompts of P3's held-out "
+        f"clusters. JFA keeps {FLASHBACKS_PER_STAGE} prompts of each old stage ({FLASHBACKS_PER_STEP} per "
+        "micro-batch); replay trains on the same rows with their targets (so it takes 25% more steps at stage 2, 50% "
+        f"at stage 3). Greedy answers of at most {ANSWER_TOKENS} tokens, ROUGE-L x100, mean ± sd over seeds. "
+        "Produced by `MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/continual.py` (resumable; "
+        "`--report` rebuilds this page).",
         "",
-        "Forgetting = score on each earlier stage after the last stage minus right after learning it (backward "
-        "transfer: 0 is no forgetting); new = each stage right after learning it; final = every stage after the last; "
+        "BWT (backward transfer) = score on each earlier stage after the last stage minus right after learning it "
+        "(below 0: forgotten); new = stages 2 and 3 right after learning them; final = every stage after the last; "
         "unseen change = unseen clusters after the last stage minus the base model.",
         "",
-        "| method | seeds | forgetting | new | final | unseen | unseen change |",
+        "| method | seeds | BWT | new | final | unseen | unseen change |",
         "|---|---|---|---|---|---|---|",
     ]
     for method, row in rows.items():
@@ -421,28 +517,32 @@ def markdown(rows: dict, comparisons: dict, accuracy: dict, data: dict) -> str:
     if comparisons:
         lines += [
             "",
-            "Differences, paired by seed and by example, bootstrap 95% intervals; 'unresolved' when the interval holds "
-            "0 (for forgetting, a positive difference means the first forgets less).",
+            "Differences a − b, paired by seed and by example, bootstrap 95% intervals; a verdict other than "
+            "'unresolved' needs the interval to exclude 0 (for BWT, above 0 means a forgets less). The question is "
+            "the first row (JFA − sequential SFT on BWT); the rest are secondary, uncorrected for their number. "
+            "With one seed an interval holds only the examples' variance, so a verdict then speaks for that seed.",
             "",
-            "| a − b | measure | difference | 95% interval | seeds | verdict |",
-            "|---|---|---|---|---|---|",
+            "| a − b | measure | difference | 95% interval | smallest detectable | seeds | verdict |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for name, c in comparisons.items():
-            pair, measure = next(
-                (name.removesuffix(f"_{m}"), m) for m in sorted(MEASURES, key=len, reverse=True) if name.endswith(m)
-            )
-            a, b = pair.split("_minus_")
+        for c in comparisons:
             verdict = {"a better": "a higher", "b better": "b higher"}.get(c["verdict"], "unresolved")
             lines.append(
-                f"| {METHODS[a].label} − {METHODS[b].label} | {measure} | {c['difference']:+.2f} | "
-                f"[{c['low']:+.2f}, {c['high']:+.2f}] | {', '.join(map(str, c['seeds']))} | {verdict} |"
+                f"| {METHODS[c['a']].label} − {METHODS[c['b']].label} | {c['measure']} | {c['difference']:+.2f} | "
+                f"[{c['low']:+.2f}, {c['high']:+.2f}] | {c['detectable']:.2f} | {', '.join(map(str, c['seeds']))} | "
+                f"{verdict} |"
             )
-    recovered = recovered_share(rows)
-    if recovered is not None:
+    if share is not None:
         lines += [
             "",
-            f"Share of sequential SFT's forgetting that replay removes and JFA removes: JFA's gain over SFT is "
-            f"{recovered:.0%} of replay's (mean over seeds; a ratio of the two differences above).",
+            f"Of the forgetting that replay removes (replay − SFT on BWT), JFA removes {share['share']:.0%} (95% "
+            f"[{share['low']:.0%}, {share['high']:.0%}], seeds {', '.join(map(str, share['seeds']))}).",
+        ]
+    elif replay_gain is not None:
+        lines += [
+            "",
+            "Replay does not forget measurably less than sequential SFT here (its BWT interval holds 0), so no share "
+            "of its gain is given for JFA.",
         ]
     for method, values in accuracy.items():
         lines += ["", f"Accuracy matrix, {METHODS[method].label} (rows: after stage; mean ROUGE-L over seeds):", ""]
@@ -451,14 +551,6 @@ def markdown(rows: dict, comparisons: dict, accuracy: dict, data: dict) -> str:
             label = "base" if stage == 0 else f"stage {stage} ({STAGES[stage - 1]})"
             lines.append(f"| {label} | " + " | ".join(f"{v:.1f}" for v in row) + " |")
     return "\n".join(lines)
-
-
-def recovered_share(rows: dict) -> float | None:
-    if not {"sft", "replay", "jfa"} <= set(rows):
-        return None
-    forgetting = {method: np.mean(rows[method]["forgetting"]) for method in ("sft", "replay", "jfa")}
-    gap = forgetting["replay"] - forgetting["sft"]
-    return None if abs(gap) < 1e-9 else float((forgetting["jfa"] - forgetting["sft"]) / gap)
 
 
 def plot_matrices(accuracy: dict[str, list[list[float]]]) -> None:

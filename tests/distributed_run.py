@@ -23,18 +23,22 @@ def flashback_rows() -> Dataset:
     return Dataset.from_dict({"prompt": FLASHBACKS, "query_embedding": queries.tolist()})
 
 
-def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: bool):
+def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: str):
+    """``flashbacks``: "no-flashbacks", "flashbacks", or "silent-flashbacks" (drawn and measured, weight 0)."""
+    with_flashbacks = flashbacks != "no-flashbacks"
     settings = common(
-        Path(output_dir), "run", max_steps=3 if flashbacks else 2, per_device_train_batch_size=batch,
-        gradient_accumulation_steps=accumulation, learning_rate=1e-2 if flashbacks else 1e-3,
+        Path(output_dir), "run", max_steps=3 if with_flashbacks else 2, per_device_train_batch_size=batch,
+        gradient_accumulation_steps=accumulation, learning_rate=1e-2 if with_flashbacks else 1e-3,
         train_sampling_strategy="sequential",
     )  # fmt: skip
     args = TKIConfig(
         **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad,
-        flashbacks_per_step=batch,
+        flashbacks_per_step=batch, flashback_weight=0.0 if flashbacks == "silent-flashbacks" else 1.0,
     )  # fmt: skip
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
-                         peft_config=tki_config(), flashback_dataset=flashback_rows() if flashbacks else None)  # fmt: skip
+                         peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
+    if with_flashbacks:
+        assert len({len(ids) for ids in trainer._flashbacks.token_ids}) == 1, "the flashbacks must be of one length"
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")
@@ -43,4 +47,4 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
 
 if __name__ == "__main__":
     output, store, batch, accumulation, kr, pcgrad, flashbacks = sys.argv[1:]
-    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks == "flashbacks")
+    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks)

@@ -257,6 +257,10 @@ def test_the_model_card_says_what_the_adapter_was_kept_close_to(tmp_path):
     bypassed = flashback_trainer(tmp_path, "bypassed", flashback_routing=False, flashback_divergence="js")
     card = card_of(bypassed, tmp_path, "bypassed")
     assert f"{len(FLASHBACKS)} flashback prompts, 2 per micro-batch, bypassing the latent bank; js divergence" in card
+    continued = flashback_trainer(tmp_path, "continued", flashbacks=str(path), flashback_continuation_tokens=2)
+    card = card_of(continued, tmp_path, "continued")
+    assert f"flashback prompts of `{path}`, 2 per micro-batch" in card
+    assert "over the prompt's positions and a 2-token continuation the reference generated." in card
     plain = TKITrainer(
         tiny_llama(),
         args=TKIConfig(**common(tmp_path, "plain"), kr=False),

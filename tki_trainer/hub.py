@@ -62,9 +62,12 @@ def render_model_card(
     )
 
 
-def training_summary(args: Any, rows: int, dataset_name: str | None = None, flashbacks: int = 0) -> str:
+def training_summary(
+    args: Any, rows: int, dataset_name: str | None = None, flashbacks: int = 0, flashback_source: str | None = None
+) -> str:
     """The card's "Training" line, from a `TKIConfig`: rows, length, epochs, rate, effective batch, switches, and
-    the flashbacks when there were any (a continual stage: what the adapter was kept close to)."""
+    the flashbacks when there were any (a continual stage: what the adapter was kept close to; ``flashback_source``
+    names where they came from when that was a path or a Hub id)."""
     source = f" of `{dataset_name}`" if dataset_name else ""
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
@@ -74,8 +77,8 @@ def training_summary(args: Any, rows: int, dataset_name: str | None = None, flas
     )
     if not flashbacks:
         return summary
-    origin = f" of `{args.flashback_dataset}`" if args.flashback_dataset else ""
-    routing = "routed through the latent bank" if args.lta and args.flashback_routing else "bypassing the latent bank"
+    origin = f" of `{flashback_source}`" if flashback_source else ""
+    routing = "routed through the latent bank" if args.flashback_routing else "bypassing the latent bank"
     continuation = (
         f" and a {args.flashback_continuation_tokens}-token continuation the reference generated"
         if args.flashback_continuation_tokens

@@ -119,6 +119,7 @@ class TKITrainer(SFTTrainer):
             )
         self._reference: Reference | None = None
         self._flashbacks = None if flashback_rows is None else self._flashback_set(flashback_rows, model)
+        self._flashback_source = flashback_source if isinstance(flashback_source, str) else None
         self._flashback_draws: int | None = None
         self._store = self._prior_input_store(train_dataset) if args.kr and args.prior_inputs_mode == "store" else None
         self.data_collator = TKICollator(
@@ -463,7 +464,11 @@ class TKITrainer(SFTTrainer):
             find_tuner(self.model).peft_config[self._adapter],
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).name,
             training_data=training_summary(
-                self.args, rows, dataset_name, flashbacks=len(self._flashbacks) if self._flashbacks is not None else 0
+                self.args,
+                rows,
+                dataset_name,
+                flashbacks=len(self._flashbacks) if self._flashbacks is not None else 0,
+                flashback_source=self._flashback_source,
             ),
             evaluation=evaluation or evaluation_table(self.state.log_history),
         )
