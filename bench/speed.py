@@ -302,7 +302,7 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
         f"tokens; step = forward, backward(s), PCGrad, AdamW; medians of {rounds} interleaved rounds. Targets: LTA <= 1.10,",
         "full TKI <= 2.2, M=192 / M=32 <= 1.05, routed generation >= 0.9 x LoRA. JFA: a flashback micro-batch as large as",
         "the training one (one more forward and backward through the adapted model, one no-grad forward through the",
-        "reference).",
+        "reference) and PCGrad over SFT and flashbacks; JFA / LTA is what the two add to the LTA step.",
         "",
         "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | SFT s/step | backward passes KR, TKI, mixed |",
         "|---|---|---|---|---|---|---|---|---|---|",
