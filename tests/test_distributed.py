@@ -52,13 +52,14 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad, accum
     assert one.keys() == two.keys()
     for prefix in ("tki_lora_B", "tki_latent_A"):
         assert [k for k in one if prefix in k and one[k].abs().sum() > 0], f"{prefix} did not train"
+    scale = 10 if flashbacks == "flashbacks" else 1  # those runs step at a 10x larger lr: 10x the rounding
     for key in one:
-        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(two[key], one[key], atol=1e-6 * scale, rtol=1e-5 * scale)
     if flashbacks == "flashbacks":
         run([sys.executable, script, str(tmp_path / "silent"), str(store.path), "4", "1", kr, pcgrad, "silent-flashbacks"],
             tmp_path)  # fmt: skip
         silent = load_file(tmp_path / "silent" / "adapter" / "adapter_model.safetensors")
-        assert any(not torch.allclose(silent[key], one[key], atol=1e-5) for key in one), "flashbacks changed nothing"
+        assert any(not torch.allclose(silent[key], one[key], atol=1e-4) for key in one), "flashbacks changed nothing"
         logs = [json.loads((tmp_path / name / "logs.json").read_text()) for name in ("one", "two")]
         divergences = [[entry["loss_flashback"] for entry in log if "loss_flashback" in entry] for log in logs]
         assert len(divergences[0]) == 3 and divergences[0][0] == pytest.approx(0.0, abs=1e-7)
