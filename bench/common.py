@@ -74,6 +74,21 @@ def write_results(name: str, payload: dict, table: str) -> None:
     )
 
 
+def training_arguments(output_dir: Path, **settings) -> dict:
+    """`SFTConfig` / `TKIConfig` keywords every benchmark run shares (float32 on CPU or CUDA alike, so runs compare
+    across devices; no reporting; logs every 4 steps), with the run's own ``settings`` on top."""
+    return {
+        "output_dir": str(output_dir),
+        "use_cpu": not torch.cuda.is_available(),
+        "bf16": False,
+        "activation_checkpointing": False,
+        "report_to": "none",
+        "logging_steps": 4,
+        "dataset_num_proc": None,
+        **settings,
+    }
+
+
 def as_json(value: dict) -> dict:
     """``value`` as it reads back from a saved record (tuples become lists), so that the two compare equal."""
     return json.loads(json.dumps(value))

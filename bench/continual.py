@@ -53,6 +53,7 @@ from common import (
     mean_sd,
     read_record,
     saved_figure,
+    training_arguments,
     write_record,
     write_results,
 )
@@ -250,20 +251,14 @@ class Bench:
             model = PeftModel.from_pretrained(model, str(previous), is_trainable=True)
         output_dir = self.work_dir / "runs" / piece_name(run, seed, stage)
         shutil.rmtree(output_dir, ignore_errors=True)
-        args = dict(
-            output_dir=str(output_dir),
+        args = training_arguments(
+            output_dir,
             learning_rate=LEARNING_RATE,
             seed=seed,
             per_device_train_batch_size=BATCH,
             num_train_epochs=EPOCHS,
             max_length=MAX_LENGTH,
-            use_cpu=DEVICE == "cpu",
-            bf16=False,
-            activation_checkpointing=False,
-            report_to="none",
-            logging_steps=4,
             save_strategy="no",
-            dataset_num_proc=None,
         )
         rows, old = self.data.train[stage], self.data.old(stage)
         flashbacks = old if spec.old_rows == "flashbacks" else None

@@ -53,6 +53,7 @@ from common import (
     read_record,
     saved_figure,
     scored,
+    training_arguments,
     write_record,
     write_results,
 )
@@ -292,21 +293,15 @@ class Bench:
         output_dir = self.work_dir / "runs" / name
         shutil.rmtree(output_dir, ignore_errors=True)
         model, tokenizer = load_embedded_model()
-        args = dict(
-            output_dir=str(output_dir),
+        args = training_arguments(
+            output_dir,
             learning_rate=lr,
             seed=seed,
             per_device_train_batch_size=BATCH,
             num_train_epochs=EPOCHS,
             max_length=MAX_LENGTH,
-            use_cpu=DEVICE == "cpu",
-            bf16=False,
-            activation_checkpointing=False,
-            report_to="none",
-            logging_steps=4,
             save_strategy="epoch",
             save_only_model=True,
-            dataset_num_proc=None,
             **spec.sft_args,
         )
         if spec.trainer == "sft":
