@@ -148,7 +148,9 @@ def piece_name(run: str, seed: int, stage: int) -> str:
 
 def piece_config(run: str, seed: int, stage: int, runs: Path) -> dict:
     """What defines a saved piece: its row's definition, seed and stage, the settings, and (from stage 2) the digest
-    of the adapter it started from, so a piece trained from another version of its previous stage is redone."""
+    of the adapter it started from, so a piece trained from another version of its previous stage is redone. The base
+    model (stage 0) is one piece for every seed."""
+    seed = seed if stage > 0 else 0
     parent = None
     if stage > 1:
         parent = read_record(runs / f"{piece_name(trained_as(run, stage - 1), seed, stage - 1)}.json")
