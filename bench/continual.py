@@ -12,7 +12,7 @@ Rows:
   (the upper reference JFA claims to approach, with data JFA does not have);
 - sequential LTA: TKI's latent bank without flashbacks (the model JFA is built on; it separates what the bank does
   from what the flashbacks do);
-- JFA: LTA plus flashbacks (FLASHBACKS_PER_STAGE prompts of each old stage; the divergence to the model as it was
+- JFA: LTA plus flashbacks (FLASHBACKS_PER_STAGE prompts of each old stage; the symmetric KL to the model as it was
   before the stage over each prompt and the first FLASHBACK_CONTINUATION tokens of that model's answer; routed
   through the bank with the new rows), PCGrad over SFT and flashbacks;
 - JFA without joint latent learning: the flashbacks bypass the bank.
@@ -78,6 +78,9 @@ FLASHBACKS_PER_STAGE = 16
 """Old-stage prompts JFA keeps (and rows, with targets, replay keeps) of each earlier stage."""
 FLASHBACKS_PER_STEP = 2
 FLASHBACK_CONTINUATION = 8
+FLASHBACK_OBJECTIVE = {"divergence": "symmetric_kl", "averaged": "per flashback"}
+"""The paper's divergence, averaged over each flashback's positions, then over flashbacks (pieces of flashback rows
+record it: those trained with KL(reference || model) averaged over tokens are redone)."""
 """Tokens of the reference's own answer to each flashback that the divergence also covers: the prompt's positions
 alone constrain only an answer's first token, not its length or form."""
 ANSWER_TOKENS = 24
@@ -156,9 +159,10 @@ def piece_config(run: str, seed: int, stage: int, runs: Path) -> dict:
         parent = read_record(runs / f"{piece_name(trained_as(run, stage - 1), seed, stage - 1)}.json")
         parent = parent.get("adapter_sha256")
     method = asdict(METHODS[run]) if stage > 0 else None
-    return as_json(
-        {"run": run, "seed": seed, "stage": stage, "method": method, "settings": SETTINGS, "parent": parent}
-    )
+    config = {"run": run, "seed": seed, "stage": stage, "method": method, "settings": SETTINGS, "parent": parent}
+    if stage > 1 and METHODS[run].old_rows == "flashbacks":
+        config["flashbacks"] = FLASHBACK_OBJECTIVE
+    return as_json(config)
 
 
 def example_keys(prompts: list[str], completions: list[str]) -> list[frozenset]:
@@ -282,6 +286,7 @@ class Bench:
                 pcgrad=True,
                 flashbacks_per_step=FLASHBACKS_PER_STEP,
                 flashback_continuation_tokens=FLASHBACK_CONTINUATION,
+                flashback_divergence=FLASHBACK_OBJECTIVE["divergence"],
                 flashback_routing=spec.routing,
             )
             trainer = TKITrainer(

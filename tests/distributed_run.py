@@ -13,9 +13,9 @@ from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
 
 
-FLASHBACKS = ["Is the capital", "Paris is the capital", "The island is land", "Is the land"]
-"""Prompts of one length (4 tokens): each process's divergence is a mean over its own tokens, so only prompts of
-equal length make two processes' mean of means the one process's mean."""
+FLASHBACKS = ["Is the capital", "Paris is the capital of France", "The island", "Is the land an island of land"]
+"""Prompts of different lengths: the divergence is a mean per flashback, so two processes' mean of means is the one
+process's mean however long each process's flashbacks are."""
 
 
 def flashback_rows() -> Dataset:
@@ -38,7 +38,7 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
     if with_flashbacks:
-        assert len({len(ids) for ids in trainer._flashbacks.token_ids}) == 1, "the flashbacks must be of one length"
+        assert len({len(ids) for ids in trainer._flashbacks.token_ids}) > 1, "the flashbacks must differ in length"
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")

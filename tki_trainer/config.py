@@ -121,10 +121,11 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         default=1, metadata={"help": "Flashback prompts drawn for each training micro-batch (one more forward)."}
     )
     flashback_divergence: str = field(
-        default="kl",
+        default="symmetric_kl",
         metadata={
             "help": "Divergence of the model's next-token distributions from the reference's at the flashback "
-            "positions: 'kl' (KL(reference || model)), 'reverse_kl' or 'js'.",
+            "positions, averaged per flashback, then over flashbacks: 'symmetric_kl' (KL(reference || model) + "
+            "KL(model || reference), the paper's), 'kl' (KL(reference || model)), 'reverse_kl' or 'js'.",
             "choices": list(DIVERGENCES),
         },
     )
@@ -190,7 +191,9 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"PCGrad needs each objective's full gradient, which {engine} shards and reduces itself: set "
                 "pcgrad=False (KR still works) or train with DDP."
             )
-        self._check_flashbacks(engine)
+        self._check_flashbacks()
+        if self.flashback_dataset is not None:
+            self.check_flashback_engine()
         if self.push_to_hub and self.hub_strategy != "end":
             raise ValueError(
                 f"hub_strategy={self.hub_strategy!r} pushes during training, which uploads the Trainer's pickled "
@@ -235,7 +238,7 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 "tki_trainer.compute_prior_inputs or tki-prepare, or leave prior_inputs_dir unset to compute it."
             )
 
-    def _check_flashbacks(self, engine: str | None) -> None:
+    def _check_flashbacks(self) -> None:
         if self.flashback_weight < 0:
             raise ValueError(f"flashback_weight must be >= 0, got {self.flashback_weight}.")
         if self.flashbacks_per_step < 1 or self.flashback_continuation_tokens < 0:
@@ -247,7 +250,11 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             )
         if self.flashback_divergence not in DIVERGENCES:
             raise ValueError(f"flashback_divergence must be one of {DIVERGENCES}, got {self.flashback_divergence!r}.")
-        if engine and self.flashback_dataset is not None:
+
+    def check_flashback_engine(self) -> None:
+        """Flashbacks (given here or to the trainer) need an engine that leaves backward and reduction to it."""
+        engine = self._engine()
+        if engine:
             raise ValueError(
                 f"Flashbacks take their own backward pass each micro-batch, and {engine} owns backward and gradient "
                 "reduction: train with DDP (accelerate launch --config_file recipes/accelerate/ddp.yaml)."

@@ -13,6 +13,7 @@ from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects
 
 from ._io import staged_file
+from .flashback import DIVERGENCE_NAMES
 from .tuner import LatentLoraConfig
 
 
@@ -86,7 +87,7 @@ def training_summary(
     )
     return (
         f"{summary} Joint Flashback Adaptation: {flashbacks} flashback prompts{origin}, {args.flashbacks_per_step} per "
-        f"micro-batch, {routing}; {args.flashback_divergence} divergence (weight {args.flashback_weight:g}) to the "
+        f"micro-batch, {routing}; {DIVERGENCE_NAMES[args.flashback_divergence]} divergence (weight {args.flashback_weight:g}) to the "
         f"model as it was before this training, over the prompt's positions{continuation}."
     )
 

@@ -1,18 +1,29 @@
 """Flashbacks (Joint Flashback Adaptation): old tasks' prompts whose next-token distributions are kept close to
 the reference model's while new tasks are learned, routed through the same latent-task bank."""
 
-from .divergence import DIVERGENCES, token_divergence
-from .prompts import FlashbackBatch, Flashbacks, extend_with_continuations, load_flashback_rows, tokenize_flashbacks
-from .reference import Reference
+from .divergence import DIVERGENCE_NAMES, DIVERGENCES, token_divergence
+from .prompts import (
+    FlashbackBatch,
+    Flashbacks,
+    end_of_sequence_ids,
+    extend_with_continuations,
+    load_flashback_rows,
+    tokenize_flashbacks,
+)
+from .reference import Reference, evaluation_mode, starts_as_identity
 
 
 __all__ = [
+    "DIVERGENCE_NAMES",
     "DIVERGENCES",
     "FlashbackBatch",
     "Flashbacks",
     "Reference",
+    "end_of_sequence_ids",
+    "evaluation_mode",
     "extend_with_continuations",
     "load_flashback_rows",
+    "starts_as_identity",
     "token_divergence",
     "tokenize_flashbacks",
 ]

@@ -8,14 +8,23 @@ import torch
 import torch.nn.functional as F
 
 
-DIVERGENCES = ("kl", "reverse_kl", "js")
-"""``kl``: KL(reference || model), the distillation direction, which keeps every continuation the reference finds
-likely (the default); ``reverse_kl``: KL(model || reference); ``js``: Jensen-Shannon, symmetric and bounded by
+DIVERGENCE_NAMES = {
+    "symmetric_kl": "symmetric KL",
+    "kl": "KL(reference ‖ model)",
+    "reverse_kl": "KL(model ‖ reference)",
+    "js": "Jensen-Shannon",
+}
+DIVERGENCES = tuple(DIVERGENCE_NAMES)
+"""``symmetric_kl``: KL(reference || model) + KL(model || reference), the paper's flashback divergence (the
+default); ``kl``: KL(reference || model) alone, the distillation direction, which keeps every continuation the
+reference finds likely; ``reverse_kl``: KL(model || reference); ``js``: Jensen-Shannon, symmetric and bounded by
 log 2."""
 
 
 def token_divergence(model_log_probs: torch.Tensor, reference_log_probs: torch.Tensor, kind: str) -> torch.Tensor:
     """The divergence at each position, [positions], in nats, from log-probabilities [positions, vocab]."""
+    if kind == "symmetric_kl":
+        return ((reference_log_probs.exp() - model_log_probs.exp()) * (reference_log_probs - model_log_probs)).sum(-1)
     if kind == "kl":
         return F.kl_div(model_log_probs, reference_log_probs, reduction="none", log_target=True).sum(-1)
     if kind == "reverse_kl":

@@ -17,6 +17,7 @@ from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
+from .._io import staged_file
 from ..data.tokenization import tokenize_prompt
 from ..tuner import bypass_bank, route
 from .reference import Reference
@@ -79,6 +80,14 @@ class FlashbackBatch:
     def keep(self) -> torch.Tensor:
         return self.attention_mask.bool()
 
+    def mean_per_flashback(self, values: torch.Tensor) -> torch.Tensor:
+        """The mean over the flashbacks of each one's mean over its positions (``values``: [positions], in `keep`'s
+        order). Every micro-batch holds ``per_step`` flashbacks, so the mean over a step's micro-batches and
+        processes is the mean over all its flashbacks, however they are split (a mean over tokens would weigh a
+        micro-batch by its length)."""
+        lengths = self.attention_mask.sum(1)
+        return (values / lengths.repeat_interleave(lengths)).sum() / len(lengths)
+
     def routing(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
         """Route the flashbacks through the bank by their own queries (joint latent task learning), or past it."""
         if self.query_embeddings is not None:
@@ -90,8 +99,8 @@ class Flashbacks:
     """The flashback sequences of a run and the seeded order they are drawn in.
 
     Draw ``n`` of process ``rank`` (of ``world``) takes the next ``per_step`` rows of one stream of seeded
-    permutations of the set, so the processes see disjoint rows and a resumed run draws what the interrupted one
-    would have drawn.
+    permutations of the set (epoch ``e`` seeded with ``seed + e``, as accelerate's seedable sampler does), so the
+    processes see disjoint rows and a resumed run draws what the interrupted one would have drawn.
     """
 
     def __init__(
@@ -145,13 +154,22 @@ class Flashbacks:
         return self.batch(self.rows(draw, rank, world), device)
 
 
-def tokenize_flashbacks(
-    tokenizer: Any, prompts: list[Any], max_length: int | None, chat_template: str | None = None
-) -> list[list[int]]:
+def tokenize_flashbacks(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[list[int]]:
     """Each prompt's tokens as `SFTTrainer` tokenizes a prompt, its last ``max_length`` kept (the end is nearest to
-    what the model answers)."""
-    token_ids = [tokenize_prompt(tokenizer, prompt, chat_template) for prompt in prompts]
+    what the model answers; the loaders cut training prompts the same way)."""
+    token_ids = [tokenize_prompt(tokenizer, prompt) for prompt in prompts]
     return [ids[-max_length:] if max_length else ids for ids in token_ids]
+
+
+def end_of_sequence_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
+    """The tokens that end a continuation: the model's generation config's (Llama 3's ``<|eot_id|>`` among them),
+    else the tokenizer's end-of-sequence token; none when neither has one."""
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    if configured is None:
+        configured = tokenizer.eos_token_id
+    if configured is None:
+        return []
+    return [configured] if isinstance(configured, int) else list(configured)
 
 
 @torch.no_grad()
@@ -160,14 +178,15 @@ def extend_with_continuations(
     reference: Reference,
     *,
     tokens: int,
-    eos_token_id: int | None,
+    eos_token_ids: list[int],
     cache_dir: str | os.PathLike,
     key: dict[str, Any],
     batch_size: int = 8,
 ) -> None:
     """Append to each flashback the reference's greedy continuation of at most ``tokens`` tokens (stopping after
-    end-of-sequence), generated once and cached as safetensors under ``cache_dir`` (keyed by ``key``, the model's
-    and tokenizer's fingerprints, plus the prompts, the reference's weights and the routing)."""
+    the first of ``eos_token_ids``), generated once and cached as safetensors under ``cache_dir`` (keyed by
+    ``key``, the model's and tokenizer's fingerprints, plus the prompts, the reference's weights and the routing).
+    Under several processes, call it on the main process first: the others then read its file."""
     digest = hashlib.sha256(
         json.dumps(
             {
@@ -186,16 +205,15 @@ def extend_with_continuations(
         stored = load_file(path)
         continuations = stored["ids"].split(stored["lengths"].tolist())
     else:
-        continuations = _generate(flashbacks, reference, tokens, eos_token_id, batch_size)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".partial")
-        save_file({"ids": torch.cat(continuations), "lengths": torch.tensor([len(c) for c in continuations])}, partial)
-        os.replace(partial, path)
+        continuations = _generate(flashbacks, reference, tokens, eos_token_ids, batch_size)
+        with staged_file(path) as staging:
+            lengths = torch.tensor([len(c) for c in continuations])
+            save_file({"ids": torch.cat(continuations), "lengths": lengths}, staging)
     flashbacks.token_ids = [prompt + c.tolist() for prompt, c in zip(flashbacks.token_ids, continuations)]
 
 
 def _generate(
-    flashbacks: Flashbacks, reference: Reference, tokens: int, eos_token_id: int | None, batch_size: int
+    flashbacks: Flashbacks, reference: Reference, tokens: int, eos_token_ids: list[int], batch_size: int
 ) -> list[torch.Tensor]:
     model = reference.model
     device = next(model.parameters()).device
@@ -211,9 +229,9 @@ def _generate(
                 max_new_tokens=tokens,
                 do_sample=False,
                 pad_token_id=flashbacks.pad_token_id,
-                eos_token_id=eos_token_id,
+                eos_token_id=eos_token_ids or None,
             )
         for new in output[:, width:].cpu():
-            stop = (new == eos_token_id).nonzero()
+            stop = torch.isin(new, torch.tensor(eos_token_ids, dtype=new.dtype)).nonzero()
             continuations.append(new[: int(stop[0]) + 1] if len(stop) else new)
     return continuations

@@ -7,18 +7,40 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
+
+from ..tuner import LatentLoraConfig
+
+
+def starts_as_identity(config: PeftConfig | None) -> bool:
+    """Whether the adapter built from ``config`` leaves the model unchanged at the first step: the TKI tuner (``B``
+    of the shared LoRA and the bank's ``A_j`` are zero) and LoRA's default and Gaussian initialisations (``B = 0``).
+    PiSSA, OLoRA, LoftQ, ``init_lora_weights=False`` and other tuners' initialisations may not."""
+    if isinstance(config, LatentLoraConfig):
+        return True
+    return isinstance(config, LoraConfig) and config.init_lora_weights in (True, "gaussian")
+
+
+@contextmanager
+def evaluation_mode(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode inside the block (no dropout, so no draw from the random number generator)."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 class Reference:
     """Switches a model to its state before training, for no-grad forwards.
 
-    An adapter the trainer built starts as the identity (LoRA's ``B`` and the bank's ``A_j`` are zero), so the
-    reference is the base model with the adapters disabled. A model that arrives holding an adapter (a previous
-    stage of continual training) is its own reference: the adapter's trainable weights are copied once, at
-    construction, and swapped in for reference forwards (a pointer swap per parameter; the base weights are never
-    copied).
+    An adapter that starts as the identity (see `starts_as_identity`) leaves the base model as the reference: the
+    adapters are disabled for its forwards. Otherwise (a model that arrives holding an adapter, the previous stage
+    of continual training; an initialisation that starts ``B`` non-zero or rewrites the base weights) the adapter's
+    trainable weights are copied once, at construction, and swapped in for reference forwards (a pointer swap per
+    parameter; the base weights are never copied).
     """
 
     def __init__(self, model: nn.Module, snapshot: bool) -> None:
@@ -34,9 +56,7 @@ class Reference:
     @contextmanager
     def active(self) -> Iterator[None]:
         """Inside the block, the model computes as the reference does (eval mode: no dropout)."""
-        was_training = self.model.training
-        self.model.eval()
-        try:
+        with evaluation_mode(self.model):
             if self._snapshot is None:
                 with self.model.disable_adapter():
                     yield
@@ -49,8 +69,6 @@ class Reference:
                 finally:
                     for (p, _), data in zip(self._snapshot, current):
                         p.data = data
-        finally:
-            self.model.train(was_training)
 
     def checksum(self) -> str:
         """SHA-256 of the reference's adapter weights ("" for the base model): it keys cached continuations."""

@@ -121,10 +121,10 @@ class TKILayer(BaseTunerLayer):
         self, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The gathered pair ``(w * A)^T [rows, in, k*r]``, ``B [rows, k*r, out]`` without autograd, kept while the
-        routing (the same selection tensors) and the bank (its in-place version) stay: generation gathers once per
-        call instead of once per new token."""
+        routing (the same selection tensors) and the bank (its storage and in-place version: a flashback reference
+        swaps the storage in) stay: generation gathers once per call instead of once per new token."""
         bank_a, bank_b = self.tki_latent_A[adapter_name], self.tki_latent_B[adapter_name]
-        version = (bank_a._version, bank_b._version)
+        version = (bank_a.data_ptr(), bank_a._version, bank_b.data_ptr(), bank_b._version)
         cached = self._factor_cache.get(adapter_name)
         if cached is None or cached[0] is not indices or cached[1] is not weights or cached[2] != version:
             rows, rank = indices.shape[0], self.latent_r[adapter_name]
