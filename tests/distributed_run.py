@@ -24,7 +24,8 @@ def flashback_rows() -> Dataset:
 
 
 def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: str):
-    """``flashbacks``: "no-flashbacks", "flashbacks", or "silent-flashbacks" (drawn and measured, weight 0)."""
+    """``flashbacks``: "no-flashbacks", "flashbacks", "continued-flashbacks" (over 3 tokens of the reference's
+    continuation too), or "silent-flashbacks" (drawn and measured, weight 0)."""
     with_flashbacks = flashbacks != "no-flashbacks"
     settings = common(
         Path(output_dir), "run", max_steps=3 if with_flashbacks else 2, per_device_train_batch_size=batch,
@@ -34,6 +35,7 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
     args = TKIConfig(
         **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad,
         flashbacks_per_step=batch, flashback_weight=0.0 if flashbacks == "silent-flashbacks" else 1.0,
+        flashback_continuation_tokens=3 if flashbacks == "continued-flashbacks" else 0,
     )  # fmt: skip
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
