@@ -85,10 +85,11 @@ def training_summary(
         if args.flashback_continuation_tokens
         else ""
     )
+    divergence = DIVERGENCE_NAMES[args.flashback_divergence]
     return (
         f"{summary} Joint Flashback Adaptation: {flashbacks} flashback prompts{origin}, {args.flashbacks_per_step} per "
-        f"micro-batch, {routing}; {DIVERGENCE_NAMES[args.flashback_divergence]} divergence (weight {args.flashback_weight:g}) to the "
-        f"model as it was before this training, over the prompt's positions{continuation}."
+        f"micro-batch, {routing}; {divergence} divergence (weight {args.flashback_weight:g}) to the model as it was "
+        f"before this training, over the prompt's positions{continuation}."
     )
 
 
