@@ -533,7 +533,18 @@ def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
     if next(iter(first.values()))["ids"] != next(iter(second.values()))["ids"]:
         raise ValueError(f"{a} and {b} were scored on different {test} prompts: rerun them under the same settings.")
     result = paired_bootstrap(per_example(first), per_example(second), paired_seeds=paired).to_dict()
-    return {**result, "seeds": sorted(first) if paired else None}
+    return {**result, "a": a, "b": b, "test": test, "seeds": sorted(first) if paired else None}
+
+
+def same_answers(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
+    """How many of ``test``'s prompts ``a`` and ``b`` answer identically at the same seed, over their common seeds:
+    a row that scores like another may be the same model (as a doubled loss under AdamW is)."""
+    first, second = rows_of(runs, a, test), rows_of(runs, b, test)
+    common = sorted(set(first) & set(second))
+    if not common:
+        return None
+    same = sum(x == y for s in common for x, y in zip(first[s]["answers"], second[s]["answers"]))
+    return {"same": same, "of": sum(len(first[s]["answers"]) for s in common), "seeds": common}
 
 
 def by_epoch(record: dict) -> dict[int, dict[str, float]]:
@@ -577,11 +588,17 @@ def report() -> None:
         table_rows.append(row)
     stood_in = {row["method"] for row in table_rows if row["stood_in"] and set(row["seeds"]) <= set(row["stood_in"])}
     comparisons = {
-        f"tki_minus_{other}_{test}": found
-        for other in present
-        if other != "tki" and other not in stood_in
+        f"{a}_minus_{b}_{test}": found
+        for a, b in [("tki", other) for other in present if other != "tki"]
+        + [(other, "sft") for other in present if METHODS[other].trainer and other not in ("sft", "tki")]
+        if b not in stood_in and a not in stood_in
         for test in TEST_SETS
-        if (found := compare(runs, "tki", other, test)) is not None
+        if (found := compare(runs, a, b, test)) is not None
+    }
+    agreement = {
+        method: {test: found for test in TEST_SETS if (found := same_answers(runs, method, "sft", test))}
+        for method in present
+        if METHODS[method].trainer and method != "sft" and method not in stood_in
     }
     mechanisms = {
         name: {"by_epoch": by_epoch(record), "validation": curve(record, "validation")}
@@ -599,10 +616,11 @@ def report() -> None:
         path.stem.removeprefix("stage1-"): json.loads(path.read_text()) for path in sorted(RUNS.glob("stage1-*.json"))
     }
     reproduced = reproductions(runs)
-    table = markdown(table_rows, comparisons, mechanisms, stage1, curves, reproduced, data)
+    table = markdown(table_rows, comparisons, agreement, mechanisms, stage1, curves, reproduced, data)
     payload = {
         "rows": table_rows,
         "comparisons": comparisons,
+        "same_answers_as_sft": agreement,
         "mechanisms": mechanisms,
         "curves": curves,
         "stage1": stage1,
@@ -634,7 +652,7 @@ def report() -> None:
     print(table)
 
 
-def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) -> str:
+def markdown(rows, comparisons, agreement, mechanisms, stage1, curves, reproduced, data) -> str:
     sizes = data.get("sizes", {})
     lines = [
         f"Unseen tasks, embedded SmolLM2-135M, greedy answers, ROUGE-L x100 (mean ± sd over seeds). Trained {EPOCHS} "
@@ -672,24 +690,25 @@ def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) ->
     if comparisons:
         lines += [
             "",
-            "TKI minus each row, ROUGE-L, bootstrap over examples and seeds (paired by seed where both rows are "
-            "trained; a row without training is compared with TKI's seeds resampled). A verdict other than "
-            "'unresolved' needs the 95% interval to exclude 0; with one seed the interval holds only the examples' "
-            "variance, not the training seed's, so such a verdict speaks for that seed alone.",
-            "",
-            "| TKI − | test set | difference | 95% interval | seeds paired | verdict |",
-            "|---|---|---|---|---|---|",
+            "Differences in ROUGE-L, bootstrap over examples and seeds (paired by seed where both rows are trained; a "
+            "row without training is compared with TKI's seeds resampled): TKI minus each row, then each trained row "
+            "minus LoRA SFT. A verdict other than 'unresolved' needs the 95% interval to exclude 0; with one seed the "
+            "interval holds only the examples' variance, not the training seed's, so such a verdict speaks for that "
+            "seed alone.",
         ]
-        for name, c in comparisons.items():
-            other, test = name.removeprefix("tki_minus_").rsplit("_", 1)
-            verdict = {"a better": "TKI better", "b better": "TKI worse"}.get(c["verdict"], "unresolved")
-            if c["seeds"] and len(c["seeds"]) == 1:
-                verdict += " at this seed"
-            paired = ", ".join(map(str, c["seeds"])) if c["seeds"] else "no"
-            lines.append(
-                f"| {METHODS[other].label} | {test} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | "
-                f"{paired} | {verdict} |"
-            )
+        for first in ("tki", None):
+            chosen = [c for c in comparisons.values() if (c["a"] == "tki") == (first == "tki")]
+            lines += ["", "| a − b | test set | difference | 95% interval | seeds paired | verdict |"]
+            lines += ["|---|---|---|---|---|---|"]
+            for c in chosen:
+                verdict = c["verdict"]
+                if c["seeds"] and len(c["seeds"]) == 1:
+                    verdict += " at this seed"
+                paired = ", ".join(map(str, c["seeds"])) if c["seeds"] else "no"
+                lines.append(
+                    f"| {METHODS[c['a']].label} − {METHODS[c['b']].label} | {c['test']} | {c['difference']:+.2f} | "
+                    f"[{c['low']:+.2f}, {c['high']:+.2f}] | {paired} | {verdict} |"
+                )
         baselines = [r for r in rows if METHODS[r["method"]].trainer != "tki" and r["sni"]]
         if baselines and any(r["method"] == "tki" for r in rows):
             best = max(baselines, key=lambda r: np.mean(r["sni"]))
@@ -702,6 +721,17 @@ def markdown(rows, comparisons, mechanisms, stage1, curves, reproduced, data) ->
                     f"the interval above 0: **{'met' if met else 'not met'}** ({c['difference']:+.2f}, "
                     f"[{c['low']:+.2f}, {c['high']:+.2f}]).",
                 ]
+    if agreement:
+        lines += [
+            "",
+            "Greedy answers identical to LoRA SFT's at the same seed (prompt-seed pairs, over the seeds both have):",
+            "",
+            "| method | " + " | ".join(TEST_SETS) + " |",
+            "|---" * (len(TEST_SETS) + 1) + "|",
+        ]
+        for method, tests in agreement.items():
+            cells = [f"{tests[t]['same']} of {tests[t]['of']}" if t in tests else "–" for t in TEST_SETS]
+            lines.append(f"| {METHODS[method].label} | " + " | ".join(cells) + " |")
     if stage1:
         lines += ["", "KR stage 1 per reading (mean completion CE with the prompt e and with q; |q − e| / |e|):", ""]
         lines += [
