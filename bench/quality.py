@@ -424,8 +424,10 @@ def chosen_rate(runs: dict[str, dict], method: str) -> float | None:
 
 
 def stand_in(method: str, lr: float, seed: int, runs: Path = RUNS) -> str | None:
-    """TKI's run at the same rate and seed, when ``method`` is TKI without PCGrad and PCGrad found no conflict at any
-    logged step of that run: it then never changed a gradient, and the two are the same model."""
+    """TKI's run at the same rate and seed, when ``method`` is TKI without PCGrad and PCGrad found no conflict in that
+    run (the logged rate averages every step of its window, so a maximum of 0 covers every step): it then never
+    changed a gradient, and the two runs take the same updates up to float rounding (one summed backward against
+    two gradients summed)."""
     if method != "tki_no_pcgrad":
         return None
     name = run_name("tki", lr, seed)
@@ -501,14 +503,16 @@ def resolved(runs: dict[str, dict], name: str) -> dict:
     return runs.get(record.get("same_as"), record)
 
 
-def rows_of(runs: dict[str, dict], method: str, test: str) -> dict[int, dict]:
+def rows_of(runs: dict[str, dict], method: str, test: str, trained_only: bool = False) -> dict[int, dict]:
     """Seed -> the result on ``test`` of ``method`` at its chosen rate with the default stage 1 (a run that stands
-    for another gives that run's result)."""
+    for another gives that run's result, unless ``trained_only``)."""
     rate = chosen_rate(runs, method)
     found = {}
     for name, record in runs.items():
         config = record["config"]
         if (config["method"], config["learning_rate"], config["stage1"]) != (method, rate, "embedded"):
+            continue
+        if trained_only and "same_as" in record:
             continue
         result = resolved(runs, name).get("eval", {}).get(test)
         if result is not None:
@@ -520,31 +524,45 @@ def per_example(results: dict[int, dict], metric: str = "rougeL") -> np.ndarray:
     return np.array([result["per_example"][metric] for result in results.values()])
 
 
+def common_seeds(runs: dict[str, dict], a: str, b: str, test: str) -> tuple[dict[int, dict], dict[int, dict]]:
+    """The results of ``a`` and ``b`` on ``test`` at the seeds both were trained at (a seed where one row stands in
+    for the other would pair a model with itself), checked to score the same prompts."""
+    first, second = rows_of(runs, a, test, trained_only=True), rows_of(runs, b, test, trained_only=True)
+    common = sorted(set(first) & set(second))
+    first, second = {s: first[s] for s in common}, {s: second[s] for s in common}
+    check_same_prompts(first, second, a, b, test)
+    return first, second
+
+
+def check_same_prompts(first: dict[int, dict], second: dict[int, dict], a: str, b: str, test: str) -> None:
+    if first and second and next(iter(first.values()))["ids"] != next(iter(second.values()))["ids"]:
+        raise ValueError(f"{a} and {b} were scored on different {test} prompts: rerun them under the same settings.")
+
+
 def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
     """``a`` − ``b`` on ``test``, ROUGE-L, paired by example and, when both are trained, by their common seeds (a row
     without training has one result, against which ``a``'s seeds are resampled)."""
-    first, second = rows_of(runs, a, test), rows_of(runs, b, test)
     paired = bool(METHODS[a].trainer and METHODS[b].trainer)
     if paired:
-        common = sorted(set(first) & set(second))
-        first, second = {s: first[s] for s in common}, {s: second[s] for s in common}
+        first, second = common_seeds(runs, a, b, test)
+    else:
+        first, second = rows_of(runs, a, test), rows_of(runs, b, test)
+        check_same_prompts(first, second, a, b, test)
     if not first or not second:
         return None
-    if next(iter(first.values()))["ids"] != next(iter(second.values()))["ids"]:
-        raise ValueError(f"{a} and {b} were scored on different {test} prompts: rerun them under the same settings.")
     result = paired_bootstrap(per_example(first), per_example(second), paired_seeds=paired).to_dict()
     return {**result, "a": a, "b": b, "test": test, "seeds": sorted(first) if paired else None}
 
 
 def same_answers(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
-    """How many of ``test``'s prompts ``a`` and ``b`` answer identically at the same seed, over their common seeds:
-    a row that scores like another may be the same model (as a doubled loss under AdamW is)."""
-    first, second = rows_of(runs, a, test), rows_of(runs, b, test)
-    common = sorted(set(first) & set(second))
-    if not common:
+    """How many of ``test``'s prompts ``a`` and ``b`` answer identically at the same seed, over the seeds both were
+    trained at: two rows that score alike may be the same model (e.g. when one loss only rescales the other's
+    gradient)."""
+    first, second = common_seeds(runs, a, b, test)
+    if not first:
         return None
-    same = sum(x == y for s in common for x, y in zip(first[s]["answers"], second[s]["answers"]))
-    return {"same": same, "of": sum(len(first[s]["answers"]) for s in common), "seeds": common}
+    same = sum(x == y for s in first for x, y in zip(first[s]["answers"], second[s]["answers"], strict=True))
+    return {"same": same, "of": sum(len(first[s]["answers"]) for s in first), "seeds": sorted(first)}
 
 
 def by_epoch(record: dict) -> dict[int, dict[str, float]]:
@@ -586,20 +604,22 @@ def report() -> None:
         minutes = [(r["train"]["seconds"] + sum(e["seconds"] for e in r["eval"].values())) / 60 for r in tested]
         row["minutes"] = float(np.mean(minutes)) if minutes else None
         table_rows.append(row)
-    stood_in = {row["method"] for row in table_rows if row["stood_in"] and set(row["seeds"]) <= set(row["stood_in"])}
+    trained = [method for method in present if METHODS[method].trainer]
+    pairs = [("tki", other) for other in present if other != "tki"]
+    pairs += [(method, "sft") for method in trained if method not in ("sft", "tki")]
     comparisons = {
         f"{a}_minus_{b}_{test}": found
-        for a, b in [("tki", other) for other in present if other != "tki"]
-        + [(other, "sft") for other in present if METHODS[other].trainer and other not in ("sft", "tki")]
-        if b not in stood_in and a not in stood_in
+        for a, b in pairs
         for test in TEST_SETS
         if (found := compare(runs, a, b, test)) is not None
     }
-    agreement = {
-        method: {test: found for test in TEST_SETS if (found := same_answers(runs, method, "sft", test))}
-        for method in present
-        if METHODS[method].trainer and method != "sft" and method not in stood_in
-    }
+    agreement = [
+        {"a": a, "b": b, "tests": tests}
+        for b in ("sft", "tki")
+        for a in trained
+        if a not in ("sft", b)
+        and (tests := {t: found for t in TEST_SETS if (found := same_answers(runs, a, b, t)) is not None})
+    ]
     mechanisms = {
         name: {"by_epoch": by_epoch(record), "validation": curve(record, "validation")}
         for name, record in runs.items()
@@ -675,9 +695,9 @@ def markdown(rows, comparisons, agreement, mechanisms, stage1, curves, reproduce
         if row["stood_in"]:
             lines += [
                 "",
-                f"{row['label']} (seeds {', '.join(map(str, row['stood_in']))}): PCGrad found no conflict at any logged "
-                "step of TKI's run at the same rate and seed, so it never changed a gradient; that run stands for this "
-                "row (the same model), which was not trained again.",
+                f"{row['label']} (seeds {', '.join(map(str, row['stood_in']))}): PCGrad found no conflict at any step "
+                "of TKI's run at the same rate and seed, so it never changed a gradient and the two take the same "
+                "updates up to float rounding; that run stands for this row, which was not trained again.",
             ]
     parameters = data.get("parameters_per_example")
     if parameters:
@@ -694,14 +714,18 @@ def markdown(rows, comparisons, agreement, mechanisms, stage1, curves, reproduce
             "row without training is compared with TKI's seeds resampled): TKI minus each row, then each trained row "
             "minus LoRA SFT. A verdict other than 'unresolved' needs the 95% interval to exclude 0; with one seed the "
             "interval holds only the examples' variance, not the training seed's, so such a verdict speaks for that "
-            "seed alone.",
+            "seed alone. The intervals are not corrected for how many comparisons the page makes: at this many, one "
+            "or two of them excluding 0 by a small margin is what chance alone gives.",
         ]
-        for first in ("tki", None):
-            chosen = [c for c in comparisons.values() if (c["a"] == "tki") == (first == "tki")]
+        for tki_first in (True, False):
+            chosen = [c for c in comparisons.values() if (c["a"] == "tki") == tki_first]
+            if not chosen:
+                continue
             lines += ["", "| a − b | test set | difference | 95% interval | seeds paired | verdict |"]
             lines += ["|---|---|---|---|---|---|"]
             for c in chosen:
-                verdict = c["verdict"]
+                winner = {"a better": c["a"], "b better": c["b"]}.get(c["verdict"])
+                verdict = f"{METHODS[winner].label} better" if winner else "unresolved"
                 if c["seeds"] and len(c["seeds"]) == 1:
                     verdict += " at this seed"
                 paired = ", ".join(map(str, c["seeds"])) if c["seeds"] else "no"
@@ -724,14 +748,15 @@ def markdown(rows, comparisons, agreement, mechanisms, stage1, curves, reproduce
     if agreement:
         lines += [
             "",
-            "Greedy answers identical to LoRA SFT's at the same seed (prompt-seed pairs, over the seeds both have):",
+            "Identical greedy answers at the same seed (prompt-seed pairs, over the seeds both rows were trained at):",
             "",
-            "| method | " + " | ".join(TEST_SETS) + " |",
-            "|---" * (len(TEST_SETS) + 1) + "|",
+            "| a | b | " + " | ".join(TEST_SETS) + " |",
+            "|---" * (len(TEST_SETS) + 2) + "|",
         ]
-        for method, tests in agreement.items():
+        for pair in agreement:
+            tests = pair["tests"]
             cells = [f"{tests[t]['same']} of {tests[t]['of']}" if t in tests else "–" for t in TEST_SETS]
-            lines.append(f"| {METHODS[method].label} | " + " | ".join(cells) + " |")
+            lines.append(f"| {METHODS[pair['a']].label} | {METHODS[pair['b']].label} | " + " | ".join(cells) + " |")
     if stage1:
         lines += ["", "KR stage 1 per reading (mean completion CE with the prompt e and with q; |q − e| / |e|):", ""]
         lines += [
