@@ -640,7 +640,7 @@ def report() -> None:
     payload = {
         "rows": table_rows,
         "comparisons": comparisons,
-        "same_answers_as_sft": agreement,
+        "same_answers": agreement,
         "mechanisms": mechanisms,
         "curves": curves,
         "stage1": stage1,
