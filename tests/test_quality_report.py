@@ -1,14 +1,8 @@
 """The quality benchmark's report pairs only what was trained for both rows: a run that stands in for another
 (TKI without PCGrad when PCGrad never projected) must not be paired with the model it is."""
 
-import sys
-from pathlib import Path
-
 import pytest
-
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import quality  # noqa: E402  (bench/ is a folder of scripts, not a package)
+import quality
 
 
 def result(answers: list[str]) -> dict:
