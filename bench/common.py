@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from tki_trainer._io import staged_file
-from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_examples
+from tki_trainer.evaluation import answer_budgets, completion_nll, generate_answers, score, score_examples
 from tki_trainer.presets import prior_input_config
 
 
@@ -110,6 +110,21 @@ def evaluate(model, tokenizer, dataset: Dataset, group: str, cap: int = 256) -> 
     budgets = answer_budgets(tokenizer, dataset["references"], dataset[group], cap=cap)
     answers = generate_answers(model, tokenizer, dataset, max_new_tokens=budgets, group_column=group, batch_size=8)
     return scored(answers, dataset, group)
+
+
+def likelihood(model, tokenizer, dataset: Dataset, group: str, max_length: int) -> dict:
+    """Mean token NLL of each row's reference answer (its completion; routed when the model holds the bank),
+    averaged overall and per group, and per example for pairing."""
+    values = completion_nll(model, tokenizer, dataset, max_length=max_length)
+    members = defaultdict(list)
+    for value, name in zip(values, dataset[group]):
+        members[name].append(value)
+    return {
+        "all": {"nll": float(np.mean(values))},
+        "by_group": {name: {"nll": float(np.mean(v))} for name, v in sorted(members.items())},
+        "ids": list(dataset["id"]),
+        "per_example": {"nll": values},
+    }
 
 
 def scored(answers: list[str], dataset: Dataset, group: str) -> dict:

@@ -9,9 +9,14 @@ domain, as the paper uses FLAN).
 Rows: the base model and SNI's copy-demo heuristic (no training); LoRA SFT, SFT + NEFTune, SFT + DFT and a LoRA
 with as many trainable parameters as TKI uses per example, all trained by `trl.SFTTrainer` itself; TKI, TKI
 without LTA (KR only), without KR (LTA only), without PCGrad, and with random routing (the same bank, each row
-routed by a random query instead of its own). Every trained row runs the same learning-rate search at seed 0, then
-seeds 1 and 2 at its chosen rate; the report pairs every difference by seed and by example. KR stage 1 runs once
-per reading of its settings (STAGE1_READINGS); the report tabulates, per epoch, what each reading does in training.
+routed by a random query instead of its own); those KR rows read the paper's eqs. 5 and 6 without their minus
+signs ("harder"), and TKI and KR only are also trained with both equations as written ("eqs. 5-6 as written":
+stage 1 pushed away from the prompt, each example trained through its easier input). Every trained row runs the
+same learning-rate search at seed 0, then seeds 1 and 2 at its chosen rate; the report pairs every difference by
+seed and by example. KR stage 1 runs once per reading of its settings (STAGE1_READINGS); the report tabulates, per
+epoch, what each reading does in training. The rows eqs. 5-6 are compared with are also scored on a larger SNI set
+(SNI_LARGE_PROMPTS greedy answers) and by the likelihood of the reference answer on every SNI test row and on
+P3_NLL_ROWS P3 held-out rows (one forward per row: a measure with far less variance than greedy answers).
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/quality.py [--methods sft tki ...]
 
@@ -49,6 +54,7 @@ from common import (
     STAGE1,
     as_json,
     evaluate,
+    likelihood,
     mean_sd,
     read_record,
     saved_figure,
@@ -85,7 +91,11 @@ TRAIN_ROWS = 128
 VALIDATION_TASKS = 6
 VALIDATION_PROMPTS = 48
 SNI_TEST_PROMPTS = 96
+SNI_LARGE_PROMPTS = 288
+"""Up to 24 per category of the 12 SNI test categories."""
 P3_PROMPTS = 60
+P3_NLL_ROWS = 960
+"""P3 held-out rows scored by likelihood: every row (about 6,200) would take about 25 minutes per model here."""
 BIGBENCH_TASKS = (
     "tense",
     "object_counting",
@@ -104,17 +114,23 @@ NEFTUNE_ALPHA = 5.0
 TEST_SETS = {"sni": "category", "p3": "cluster", "bigbench": "task"}
 """Test set -> the column results are reported (and generation batched) by."""
 CURVE_SETS = {"validation": "task", "sni": "category"}
+LARGE_SETS = {"sni_large": "category"}
+"""Greedy answers on more SNI test prompts, for the rows eqs. 5-6 as written are compared with."""
+NLL_SETS = {"nll_sni": "category", "nll_p3": "cluster"}
+"""Mean token NLL of the reference answer: every SNI test row that fits MAX_LENGTH, and P3_NLL_ROWS P3 rows."""
 STAGE1_READINGS = {
-    "embedded": STAGE1,
-    "paper": PriorInputConfig.paper(),
-    "away": replace(STAGE1, wasserstein_weight=-1.0),
+    "embedded": replace(STAGE1, wasserstein_weight=1.0),
+    "paper": replace(PriorInputConfig.paper(), wasserstein_weight=1.0),
+    "away": STAGE1,
 }
-"""KR stage 1 as the embedded preset runs it (the default), as the paper sets it (3 steps at lr 5e-6, which barely
-moves q), and with the Wasserstein term pushing q away from the prompt, so that q is another input that still
-yields the target."""
+"""KR stage 1 with the Wasserstein term keeping q near the prompt, at the embedded preset's steps and rate (the
+earlier default) and at the paper's (3 steps at lr 5e-6, which barely moves q); and as eq. 5 is written, pushing q
+away from the prompt (the embedded preset's setting now), so that q is another input that still yields the
+target."""
 TRAINING_LOGS = (
     "loss_sft",
     "loss_reinst",
+    "reinst_gap",
     "reinst_q_win_rate",
     "pcgrad_conflict_rate",
     "pcgrad_cosine",
@@ -132,9 +148,14 @@ class Method:
     sft_args: dict = field(default_factory=dict)
     matched_rank: bool = False
     random_routing: bool = False
+    stage1: str = "embedded"
+    """The `STAGE1_READINGS` entry its prior inputs come from (KR rows)."""
 
 
-ALL_ON = dict(lta=True, kr=True, pcgrad=True)
+HARDER = "harder"
+"""The reading the first KR rows were trained under: eq. 6 without its minus sign."""
+ALL_ON = dict(lta=True, kr=True, pcgrad=True, reinstatement_target=HARDER)
+AS_WRITTEN = dict(reinstatement_target="easier")
 METHODS = {
     "base": Method("base model"),
     "copy_demo": Method("copy demo (SNI heuristic)"),
@@ -144,16 +165,35 @@ METHODS = {
         f"SFT + NEFTune (alpha {NEFTUNE_ALPHA:g})", "sft", sft_args={"neftune_noise_alpha": NEFTUNE_ALPHA}
     ),
     "tki_no_kr": Method("LTA only (TKI without KR)", "tki", dict(lta=True, kr=False, pcgrad=False)),
-    "tki_no_lta": Method("KR only (TKI without LTA)", "tki", dict(lta=False, kr=True, pcgrad=True)),
+    "tki_no_lta": Method(
+        "KR only (TKI without LTA)", "tki", dict(lta=False, kr=True, pcgrad=True, reinstatement_target=HARDER)
+    ),
     "tki_random_routing": Method("TKI, random routing", "tki", ALL_ON, random_routing=True),
     "sft_matched": Method("LoRA SFT, TKI's parameters per example", "sft", matched_rank=True),
     "sft_dft": Method("SFT + DFT (loss_type='dft')", "sft", sft_args={"loss_type": "dft"}),
-    "tki_no_pcgrad": Method("TKI without PCGrad", "tki", dict(lta=True, kr=True, pcgrad=False)),
+    "tki_no_pcgrad": Method(
+        "TKI without PCGrad", "tki", dict(lta=True, kr=True, pcgrad=False, reinstatement_target=HARDER)
+    ),
+    "tki_literal": Method("TKI, eqs. 5-6 as written", "tki", {**ALL_ON, **AS_WRITTEN}, stage1="away"),
+    "kr_literal": Method(
+        "KR only, eqs. 5-6 as written", "tki", dict(lta=False, kr=True, pcgrad=True, **AS_WRITTEN), stage1="away"
+    ),
 }
 """In the order the table is filled when time runs short (the issue's order)."""
 TRAINED = tuple(name for name, method in METHODS.items() if method.trainer)
 CURVE_METHODS = ("sft", "tki")
 """Methods whose SNI test score is measured after every epoch (the learning curves)."""
+LARGE_METHODS = ("base", "sft", "sft_neftune", "tki", "tki_no_lta", "tki_literal", "kr_literal")
+"""Rows also scored on `LARGE_SETS` and `NLL_SETS`: eqs. 5-6 as written and what they are compared with."""
+LITERAL_PAIRS = (
+    ("tki_literal", "sft"),
+    ("tki_literal", "sft_neftune"),
+    ("tki_literal", "tki"),
+    ("kr_literal", "sft"),
+    ("kr_literal", "tki_no_lta"),
+    ("tki_literal", "kr_literal"),
+)
+"""The differences the page reports for eqs. 5-6 as written, on every larger set."""
 SETTINGS = {
     "max_length": MAX_LENGTH,
     "train_rows": TRAIN_ROWS,
@@ -173,7 +213,7 @@ SETTINGS = {
 class Data:
     """The fixed splits, fitted into MAX_LENGTH tokens, with query embeddings; ``fits`` says how prompts were cut."""
 
-    def __init__(self, tokenizer, work_dir: Path, bigbench: Path) -> None:
+    def __init__(self, tokenizer, work_dir: Path, bigbench: Path | None) -> None:
         splits = sni_splits(SNI, VALIDATION_TASKS, seed=0)
         self.fits: dict[str, dict] = {}
 
@@ -182,20 +222,24 @@ class Data:
             self.fits[split] = asdict(report)
             return balanced_subset(rows, column, total, seed=0)
 
-        def other(name: str, rows: Dataset, column: str, total: int | None) -> Dataset:
+        def fitted(name: str, rows: Dataset) -> Dataset:
             rows, report = fit_prompts(as_conversational(rows), tokenizer, MAX_LENGTH)
             self.fits[name] = asdict(report)
-            return balanced_subset(rows, column, total, seed=0)
+            return rows
 
+        p3 = fitted("p3", group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0)))
         sets = {
             "train": sni("train", "task", TRAIN_ROWS),
             "validation": sni("validation", "task", VALIDATION_PROMPTS),
             "sni": sni("test", "category", SNI_TEST_PROMPTS),
-            "p3": other("p3", group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0)), "cluster", P3_PROMPTS),
-            "bigbench": other(
-                "bigbench", load_bigbench(bigbench, BIGBENCH_TASKS, max_examples=BIGBENCH_PER_TASK), "task", None
-            ),
+            "p3": balanced_subset(p3, "cluster", P3_PROMPTS, seed=0),
+            "sni_large": sni("test", "category", SNI_LARGE_PROMPTS),
+            "nll_sni": sni("test", "category", None),
+            "nll_p3": balanced_subset(p3, "cluster", P3_NLL_ROWS, seed=0),
         }
+        if bigbench is not None:
+            rows = load_bigbench(bigbench, BIGBENCH_TASKS, max_examples=BIGBENCH_PER_TASK)
+            sets["bigbench"] = balanced_subset(fitted("bigbench", rows), "task", None, seed=0)
         encoder = load_embedded_encoder()
         sets = {
             name: add_query_embeddings(rows, encoder, cache_dir=work_dir / "queries") for name, rows in sets.items()
@@ -242,8 +286,9 @@ def every_epoch(test: str) -> tuple[str, ...]:
     return (*(f"{test}@{epoch}" for epoch in range(1, EPOCHS)), test)
 
 
-def run_name(method: str, lr: float, seed: int, reading: str = "embedded") -> str:
-    suffix = "" if reading == "embedded" else f"-{reading}"
+def run_name(method: str, lr: float, seed: int, reading: str | None = None) -> str:
+    """``reading``: a stage-1 reading other than the method's own, which the name then carries."""
+    suffix = "" if reading in (None, METHODS[method].stage1) else f"-{reading}"
     return f"{method}-lr{lr:g}-s{seed}{suffix}"
 
 
@@ -258,13 +303,13 @@ def save_record(name: str, record: dict, runs: Path = RUNS) -> None:
 class Bench:
     """The data, the stage-1 stores (made when a run first needs one) and the work folder of one invocation."""
 
-    def __init__(self, work_dir: Path, bigbench: str | None, runs: Path = RUNS) -> None:
+    def __init__(self, work_dir: Path, bigbench: str | None, runs: Path = RUNS, with_bigbench: bool = True) -> None:
         self.work_dir, self.runs = work_dir, runs
         work_dir.mkdir(parents=True, exist_ok=True)
         runs.mkdir(parents=True, exist_ok=True)
         model, tokenizer = load_embedded_model()
         self.parameters = parameters_per_example(model)
-        self.data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench))
+        self.data = Data(tokenizer, work_dir, bigbench_source(work_dir, bigbench) if with_bigbench else None)
         self.stores: dict[str, Path] = {}
 
     def store(self, reading: str) -> Path:
@@ -347,9 +392,10 @@ class Bench:
         )
         return checkpoints[epoch - 1] if len(checkpoints) == EPOCHS else Path("missing")
 
-    def ensure(self, method: str, lr: float, seed: int, pieces: tuple[str, ...], reading: str = "embedded") -> dict:
+    def ensure(self, method: str, lr: float, seed: int, pieces: tuple[str, ...], reading: str | None = None) -> dict:
         """Run whatever of training and the evaluation ``pieces`` (``"sni"``: the final model on the SNI test set,
         ``"sni@1"``: the model after epoch 1) this configuration lacks, saving each as it ends."""
+        reading = reading or METHODS[method].stage1
         name = run_name(method, lr, seed, reading)
         config = as_json(
             {"method": method, "learning_rate": lr, "seed": seed, "stage1": reading, "settings": SETTINGS}
@@ -382,7 +428,10 @@ class Bench:
                 if METHODS[method].random_routing:
                     rows = random_queries(rows, 1000 + seed)
                 started = time.time()
-                result = evaluate(model, tokenizer, rows, {**TEST_SETS, **CURVE_SETS}[test])
+                if test in NLL_SETS:
+                    result = likelihood(model, tokenizer, rows, NLL_SETS[test], MAX_LENGTH)
+                else:
+                    result = evaluate(model, tokenizer, rows, {**TEST_SETS, **CURVE_SETS, **LARGE_SETS}[test])
                 record.setdefault("eval", {})[piece] = {**result, "seconds": time.time() - started}
                 save_record(name, record, self.runs)
         return record
@@ -441,8 +490,9 @@ def ensure_or_stand_in(bench: Bench, method: str, lr: float, seed: int, pieces: 
     if same is None:
         bench.ensure(method, lr, seed, pieces)
     else:
+        reading = METHODS[method].stage1
         config = as_json(
-            {"method": method, "learning_rate": lr, "seed": seed, "stage1": "embedded", "settings": SETTINGS}
+            {"method": method, "learning_rate": lr, "seed": seed, "stage1": reading, "settings": SETTINGS}
         )
         save_record(run_name(method, lr, seed), {"config": config, "same_as": same}, bench.runs)
 
@@ -460,14 +510,16 @@ def run(bench: Bench, methods: list[str], seeds: list[int], readings: bool) -> N
         )
         + "\n"
     )
-    tests = tuple(TEST_SETS)
-    bench.ensure("base", 0.0, 0, (*tests, "validation"))
+    tests = tuple(test for test in TEST_SETS if test in bench.data.eval)
+    larger = (*LARGE_SETS, *NLL_SETS)
+    bench.ensure("base", 0.0, 0, (*tests, "validation", *larger))
     bench.copy_demo()
     for method in methods:
         for lr in LEARNING_RATES:
             ensure_or_stand_in(bench, method, lr, 0, every_epoch("validation"))
         rate = chosen_rate(finished_runs(bench.runs), method)
         pieces = (*tests, *every_epoch("sni")) if method in CURVE_METHODS else tests
+        pieces = (*pieces, *larger) if method in LARGE_METHODS else pieces
         for seed in seeds:
             ensure_or_stand_in(bench, method, rate, seed, tuple(dict.fromkeys(pieces)))
     if readings and "tki" in methods:
@@ -510,7 +562,7 @@ def rows_of(runs: dict[str, dict], method: str, test: str, trained_only: bool = 
     found = {}
     for name, record in runs.items():
         config = record["config"]
-        if (config["method"], config["learning_rate"], config["stage1"]) != (method, rate, "embedded"):
+        if (config["method"], config["learning_rate"], config["stage1"]) != (method, rate, METHODS[method].stage1):
             continue
         if trained_only and "same_as" in record:
             continue
@@ -539,9 +591,9 @@ def check_same_prompts(first: dict[int, dict], second: dict[int, dict], a: str, 
         raise ValueError(f"{a} and {b} were scored on different {test} prompts: rerun them under the same settings.")
 
 
-def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
-    """``a`` − ``b`` on ``test``, ROUGE-L, paired by example and, when both are trained, by their common seeds (a row
-    without training has one result, against which ``a``'s seeds are resampled)."""
+def compare(runs: dict[str, dict], a: str, b: str, test: str, metric: str = "rougeL") -> dict | None:
+    """``a`` − ``b`` on ``test`` in ``metric``, paired by example and, when both are trained, by their common seeds (a
+    row without training has one result, against which ``a``'s seeds are resampled)."""
     paired = bool(METHODS[a].trainer and METHODS[b].trainer)
     if paired:
         first, second = common_seeds(runs, a, b, test)
@@ -550,8 +602,8 @@ def compare(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
         check_same_prompts(first, second, a, b, test)
     if not first or not second:
         return None
-    result = paired_bootstrap(per_example(first), per_example(second), paired_seeds=paired).to_dict()
-    return {**result, "a": a, "b": b, "test": test, "seeds": sorted(first) if paired else None}
+    result = paired_bootstrap(per_example(first, metric), per_example(second, metric), paired_seeds=paired).to_dict()
+    return {**result, "a": a, "b": b, "test": test, "metric": metric, "seeds": sorted(first) if paired else None}
 
 
 def same_answers(runs: dict[str, dict], a: str, b: str, test: str) -> dict | None:
@@ -563,6 +615,93 @@ def same_answers(runs: dict[str, dict], a: str, b: str, test: str) -> dict | Non
         return None
     same = sum(x == y for s in first for x, y in zip(first[s]["answers"], second[s]["answers"], strict=True))
     return {"same": same, "of": sum(len(first[s]["answers"]) for s in first), "seeds": sorted(first)}
+
+
+def literal_reading(runs: dict[str, dict]) -> dict:
+    """Eqs. 5-6 as written against the rows they are compared with, on the larger sets: each row's mean per seed,
+    the paired differences (ROUGE-L on the larger SNI set; the reference answer's NLL, lower is better) and how
+    many greedy answers each row shares with LoRA SFT."""
+    tests = {**{test: "rougeL" for test in LARGE_SETS}, **{test: "nll" for test in NLL_SETS}}
+    means = {
+        method: {
+            test: [r["all"][metric] for r in rows_of(runs, method, test).values()] for test, metric in tests.items()
+        }
+        for method in LARGE_METHODS
+    }
+    comparisons = {
+        f"{a}_minus_{b}_{test}": found
+        for a, b in LITERAL_PAIRS
+        for test, metric in tests.items()
+        if (found := compare(runs, a, b, test, metric)) is not None
+    }
+    agreement = {
+        f"{a}_{b}": found
+        for a, b in (*((m, "sft") for m in LARGE_METHODS if m not in ("base", "sft")), ("tki_literal", "tki"))
+        for test in LARGE_SETS
+        if (found := same_answers(runs, a, b, test)) is not None
+    }
+    return {"means": means, "comparisons": comparisons, "same_answers": agreement}
+
+
+def literal_markdown(literal: dict, sizes: dict) -> list[str]:
+    """The page's section on eqs. 5-6 as written."""
+    means = {method: values for method, values in literal["means"].items() if any(values.values())}
+    if not means:
+        return []
+    lines = [
+        "",
+        "## Eqs. 5-6 as written",
+        "",
+        "TKI and KR only with both equations read as written (stage 1 pushes q away from the prompt, Wasserstein "
+        "weight -1; each example trains through whichever of its prompt and prior input already gives the target "
+        "more easily), beside the rows they are compared with. SNI large = greedy answers on "
+        f"{sizes.get('sni_large', SNI_LARGE_PROMPTS)} SNI test prompts (ROUGE-L); NLL = mean token negative "
+        "log-likelihood of the reference answer (lower is better) on every SNI test row that fits "
+        f"({sizes.get('nll_sni', '')}) and on {sizes.get('nll_p3', P3_NLL_ROWS)} P3 held-out rows, one forward per row.",
+        "",
+        "| method | seeds | SNI large R-L | SNI NLL | P3 NLL |",
+        "|---|---|---|---|---|",
+    ]
+    for method, values in means.items():
+        seeds = max(len(v) for v in values.values())
+        cells = [mean_sd(values["sni_large"])] + [
+            f"{np.mean(values[t]):.3f}" + (f" ± {np.std(values[t], ddof=1):.3f}" if len(values[t]) > 1 else "")
+            if values[t]
+            else "–"
+            for t in NLL_SETS
+        ]
+        lines.append(f"| {METHODS[method].label} | {seeds} | " + " | ".join(cells) + " |")
+    if literal["comparisons"]:
+        lines += [
+            "",
+            "Paired differences (a − b; by example and by the seeds both rows were trained at; for NLL a negative "
+            "difference means a gives the reference answer a higher likelihood). A verdict needs the 95% interval to "
+            "exclude 0; at one seed it speaks for that seed alone.",
+            "",
+            "| a − b | measure | difference | 95% interval | seeds | verdict |",
+            "|---|---|---|---|---|---|",
+        ]
+        for c in literal["comparisons"].values():
+            better = c["low"] > 0 if c["metric"] == "rougeL" else c["high"] < 0
+            worse = c["high"] < 0 if c["metric"] == "rougeL" else c["low"] > 0
+            winner = c["a"] if better else c["b"] if worse else None
+            verdict = f"{METHODS[winner].label} better" if winner else "unresolved"
+            measure = (
+                "SNI large R-L" if c["metric"] == "rougeL" else {"nll_sni": "SNI NLL", "nll_p3": "P3 NLL"}[c["test"]]
+            )
+            digits = 2 if c["metric"] == "rougeL" else 4
+            lines.append(
+                f"| {METHODS[c['a']].label} − {METHODS[c['b']].label} | {measure} | {c['difference']:+.{digits}f} | "
+                f"[{c['low']:+.{digits}f}, {c['high']:+.{digits}f}] | {', '.join(map(str, c['seeds'] or []))} | "
+                f"{verdict} |"
+            )
+    if literal["same_answers"]:
+        lines += ["", "Identical greedy answers on SNI large at the same seed:", ""]
+        lines += ["| a | b | identical |", "|---|---|---|"]
+        for key, found in literal["same_answers"].items():
+            a, b = next((a, b) for a in METHODS for b in METHODS if f"{a}_{b}" == key)
+            lines.append(f"| {METHODS[a].label} | {METHODS[b].label} | {found['same']} of {found['of']} |")
+    return lines
 
 
 def by_epoch(record: dict) -> dict[int, dict[str, float]]:
@@ -623,7 +762,7 @@ def report() -> None:
     mechanisms = {
         name: {"by_epoch": by_epoch(record), "validation": curve(record, "validation")}
         for name, record in runs.items()
-        if record["config"]["method"] in ("tki", "tki_random_routing")
+        if record["config"]["method"] in ("tki", "tki_random_routing", "tki_no_lta", "tki_literal", "kr_literal")
         and record["config"]["seed"] == 0
         and "train" in record
     }
@@ -636,7 +775,9 @@ def report() -> None:
         path.stem.removeprefix("stage1-"): json.loads(path.read_text()) for path in sorted(RUNS.glob("stage1-*.json"))
     }
     reproduced = reproductions(runs)
+    literal = literal_reading(runs)
     table = markdown(table_rows, comparisons, agreement, mechanisms, stage1, curves, reproduced, data)
+    table += "\n".join(literal_markdown(literal, data.get("sizes", {})))
     payload = {
         "rows": table_rows,
         "comparisons": comparisons,
@@ -645,6 +786,7 @@ def report() -> None:
         "curves": curves,
         "stage1": stage1,
         "reproductions": reproduced,
+        "literal_reading": literal,
         "data": data,
         "runs": {
             name: {
@@ -758,27 +900,35 @@ def markdown(rows, comparisons, agreement, mechanisms, stage1, curves, reproduce
             cells = [f"{tests[t]['same']} of {tests[t]['of']}" if t in tests else "–" for t in TEST_SETS]
             lines.append(f"| {METHODS[pair['a']].label} | {METHODS[pair['b']].label} | " + " | ".join(cells) + " |")
     if stage1:
-        lines += ["", "KR stage 1 per reading (mean completion CE with the prompt e and with q; |q − e| / |e|):", ""]
         lines += [
-            "| reading | steps | lr | Wasserstein weight | CE(e) | CE(q) | change | minutes |",
-            "|---|---|---|---|---|---|---|---|",
+            "",
+            "KR stage 1 per reading (mean completion CE with the prompt e and with q; |q − e| / |e|; |lam grad W| / "
+            "|grad CE| at the last step, where it was recorded: whether the Wasserstein term did anything):",
+            "",
+        ]
+        lines += [
+            "| reading | steps | lr | Wasserstein weight | CE(e) | CE(q) | change | W / CE gradient | minutes |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for name, s in stage1.items():
+            ratio = s.get("wasserstein_gradient_ratio")
             lines.append(
                 f"| {name} | {s['steps']} | {s['learning_rate']:g} | {s['wasserstein_weight']:g} | {s['ce_initial']:.3f} | "
-                f"{s['ce_final']:.3f} | {s['relative_change']:.1e} | {s['seconds'] / 60:.1f} |"
+                f"{s['ce_final']:.3f} | {s['relative_change']:.1e} | {'–' if ratio is None else f'{ratio:.2e}'} | "
+                f"{s['seconds'] / 60:.1f} |"
             )
     if mechanisms:
         lines += [
             "",
-            "What KR, PCGrad and routing do in training, per epoch (TKI at seed 0 per stage-1 reading and learning rate, "
-            "and TKI with random routing): q-win = share of rows whose prior input is the harder one (else L_reinst "
-            "repeats the prompt's loss); conflicts = share of steps where PCGrad projected; cosine between the two "
-            "objectives' gradients; usage entropy of the blend weights per batch (nats); validation ROUGE-L after the "
-            "epoch.",
+            "What KR, PCGrad and routing do in training, per epoch (every KR row at seed 0, per stage-1 reading and "
+            "learning rate, and TKI with random routing): gap = loss_reinst − loss_sft; via q = share of rows whose "
+            "reinstatement term goes through the prior input (the harder input under the first reading, where "
+            "otherwise L_reinst repeats the prompt's loss; the easier under eqs. 5-6 as written); conflicts = share "
+            "of steps where PCGrad projected; cosine between the two objectives' gradients; usage entropy of the "
+            "blend weights per batch (nats); validation ROUGE-L after the epoch.",
             "",
-            "| run | epoch | loss_sft | loss_reinst | q-win | conflicts | cosine | usage entropy | validation R-L |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| run | epoch | loss_sft | loss_reinst | gap | via q | conflicts | cosine | usage entropy | validation R-L |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for name, m in mechanisms.items():
             for epoch, values in m["by_epoch"].items():
@@ -832,7 +982,9 @@ def plot_curves(curves: dict[str, dict]) -> None:
             points = [
                 c["sni"]
                 for c in curves.values()
-                if c["method"] == method and c.get("stage1") == "embedded" and all(v is not None for v in c["sni"])
+                if c["method"] == method
+                and c.get("stage1") == METHODS[method].stage1
+                and all(v is not None for v in c["sni"])
             ]
             if points:
                 values = np.array(points)
@@ -866,6 +1018,9 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", choices=TRAINED, default=list(TRAINED), help="Trained rows, in order.")
     parser.add_argument("--seeds", nargs="+", type=int, choices=SEEDS, default=list(SEEDS), help="Seeds to run.")
     parser.add_argument("--no_readings", action="store_true", help="Skip TKI under the other stage-1 readings.")
+    parser.add_argument(
+        "--no_bigbench", action="store_true", help="Leave BIG-bench out (where its sdist cannot be had); resumable."
+    )
     parser.add_argument("--report", action="store_true", help="Only rebuild the table and plots from saved results.")
     parser.add_argument("--reproduce", metavar="RUN", help="Retrain one saved run (e.g. tki-lr0.0001-s0) and compare.")
     args = parser.parse_args()
@@ -875,7 +1030,8 @@ def main() -> None:
         for path in (SNI / "splits", P3 / "heldout.jsonl.gz"):
             if not path.exists():
                 raise SystemExit(f"quality.py: no {path}: the shared data folder must sit beside the repository.")
-        run(Bench(Path(args.work_dir), args.bigbench), args.methods, args.seeds, not args.no_readings)
+        bench = Bench(Path(args.work_dir), args.bigbench, with_bigbench=not args.no_bigbench)
+        run(bench, args.methods, args.seeds, not args.no_readings)
     report()
 
 

@@ -1,7 +1,8 @@
 """What TKI costs over LoRA SFT on the embedded model, the embedded preset's own `LatentLoraConfig`, in one run.
 
-- Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only, full TKI, full TKI on
-  mixed micro-batches (the prior input harder for some rows, the prompt for others; at micro-batch 1, a row
+- Training step (forward, backward(s), PCGrad, AdamW) for LoRA SFT, LTA only, KR only and full TKI under each
+  reading of eq. 6 (as written, each example through its easier input: after stage 1 mostly the prior input, so
+  both backward passes; and "harder", mostly the prompt, one backward), full TKI on mixed micro-batches (the prior input harder for some rows, the prompt for others; at micro-batch 1, a row
   whose prior input is harder), full TKI with a paper-sized bank (C=16, Q=12), and JFA (LTA with a flashback
   micro-batch as large as the training one per micro-batch, routed, PCGrad over SFT and flashbacks), at
   micro-batch 1 and 4.
@@ -28,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -48,12 +50,15 @@ from tki_trainer.data import add_query_embeddings, as_conversational, fit_prompt
 from tki_trainer.reinstatement import PriorInputConfig
 
 
+HARDER = dict(reinstatement_target="harder")
 CONFIGS = {
     "sft": dict(lta=False, kr=False, pcgrad=False),
     "lta": dict(lta=True, kr=False, pcgrad=False),
     "kr": dict(lta=False, kr=True, pcgrad=True),
     "tki": dict(lta=True, kr=True, pcgrad=True),
-    "tki_mixed": dict(lta=True, kr=True, pcgrad=True),
+    "kr_harder": dict(lta=False, kr=True, pcgrad=True, **HARDER),
+    "tki_harder": dict(lta=True, kr=True, pcgrad=True, **HARDER),
+    "tki_mixed": dict(lta=True, kr=True, pcgrad=True, **HARDER),
     "tki_m192": dict(lta=True, kr=True, pcgrad=True),
     "jfa": dict(lta=True, kr=False, pcgrad=True),
 }
@@ -87,10 +92,7 @@ def stores(work: Path, dataset) -> dict[str, Path]:
         i: torch.randn(mixed.load_delta(i).shape, generator=generator) * (0.05 if n % 2 else 0.0)
         for n, i in enumerate(ids)
     }
-    entries = {
-        i: {k: getattr(e, k) for k in ("prompt_hash", "ce_initial", "ce_final", "relative_change")}
-        for i, e in mixed.examples.items()
-    }
+    entries = {i: {k: v for k, v in asdict(e).items() if k != "shard"} for i, e in mixed.examples.items()}
     mixed.write_shard("999-00000", deltas, entries)
     return {"store": store.path, "mixed": mixed.path}
 
@@ -304,15 +306,19 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
         "the training one (one more forward and backward through the adapted model, one no-grad forward through the",
         "reference) and PCGrad over SFT and flashbacks; JFA / LTA is what the two add to the LTA step.",
         "",
-        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | SFT s/step | backward passes KR, TKI, mixed |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "KR and TKI read eq. 6 as written (each example through its easier input); 'harder' is the other reading.",
+        "",
+        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | KR harder / SFT | TKI harder / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | SFT s/step | backward passes KR, TKI, KR harder, TKI harder, mixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, r in steps.items():
         ratio, passes = r["over_sft"], r["backward_passes"]
         lines.append(
-            f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
+            f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['kr_harder']:.3f} | "
+            f"{ratio['tki_harder']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
             f"{ratio['jfa']:.3f} | {r['jfa_over_lta']:.3f} | {r['median_seconds']['sft']:.2f} | "
-            f"{passes['kr']:.2f}, {passes['tki']:.2f}, {passes['tki_mixed']:.2f} |"
+            + ", ".join(f"{passes[n]:.2f}" for n in ("kr", "tki", "kr_harder", "tki_harder", "tki_mixed"))
+            + " |"
         )
     lines += [
         "",

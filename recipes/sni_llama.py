@@ -44,6 +44,7 @@ from tki_trainer.data import (
     sni_splits,
 )
 from tki_trainer.evaluation import answer_budgets, generate_answers, score_by, score_heuristics, side_by_side
+from tki_trainer.hub import public_name
 from tki_trainer.presets import PRESETS, latent_lora_config, shared_lora_config
 
 
@@ -99,6 +100,7 @@ def parse(argv: list[str]) -> tuple[RecipeArguments, TKIConfig, dict[str, dict]]
     defaults = PRESETS[preset]
     parser = TrlParser((RecipeArguments, TKIConfig))
     parser.set_defaults(**{key: value for key, (value, _) in defaults.items()})
+    parser.set_defaults(kr=True)  # the paper's job: KR on (refused if it cannot run), not decided from the rows
     if "--output_dir" not in argv:
         parser.set_defaults(output_dir=f"outputs/tki-{preset}")
     recipe, config = parser.parse_args_and_config(argv)
@@ -112,7 +114,11 @@ def parse(argv: list[str]) -> tuple[RecipeArguments, TKIConfig, dict[str, dict]]
                 origin = defaults[key][1]
             else:
                 continue
-            resolved[key] = {"value": "<redacted>" if key.endswith("_token") and value else value, "origin": origin}
+            if key.endswith("_token") and value:
+                value = "<redacted>"
+            elif isinstance(value, str):
+                value = public_name(value)  # the record is uploaded with the adapter: no local directories
+            resolved[key] = {"value": value, "origin": origin}
     return recipe, config, resolved
 
 
@@ -235,7 +241,8 @@ def main(argv: list[str] | None = None) -> dict:
     check_invocation(recipe, config)
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "resolved_config.json").write_text(json.dumps(resolved, indent=2, default=str))
+    with staged_file(output_dir / "resolved_config.json") as staging:
+        staging.write_text(json.dumps(resolved, indent=2, default=str))
 
     model, tokenizer = load_model(recipe, config)
     train, evaluation, group = load_data(recipe, config, tokenizer)

@@ -23,9 +23,10 @@ def flashback_rows() -> Dataset:
     return Dataset.from_dict({"prompt": FLASHBACKS, "query_embedding": queries.tolist()})
 
 
-def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: str):
+def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: str,
+         target: str = "easier"):  # fmt: skip
     """``flashbacks``: "no-flashbacks", "flashbacks", "continued-flashbacks" (over 3 tokens of the reference's
-    continuation too), or "silent-flashbacks" (drawn and measured, weight 0)."""
+    continuation too), or "silent-flashbacks" (drawn and measured, weight 0); ``target``: the reading of eq. 6."""
     with_flashbacks = flashbacks != "no-flashbacks"
     settings = common(
         Path(output_dir), "run", max_steps=3 if with_flashbacks else 2, per_device_train_batch_size=batch,
@@ -35,7 +36,7 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
     args = TKIConfig(
         **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad,
         flashbacks_per_step=batch, flashback_weight=0.0 if flashbacks == "silent-flashbacks" else 1.0,
-        flashback_continuation_tokens=3 if flashbacks == "continued-flashbacks" else 0,
+        flashback_continuation_tokens=3 if flashbacks == "continued-flashbacks" else 0, reinstatement_target=target,
     )  # fmt: skip
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
@@ -48,5 +49,5 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
 
 
 if __name__ == "__main__":
-    output, store, batch, accumulation, kr, pcgrad, flashbacks = sys.argv[1:]
-    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks)
+    output, store, batch, accumulation, kr, pcgrad, flashbacks, target = sys.argv[1:]
+    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks, target)

@@ -9,8 +9,17 @@ from peft import get_peft_model
 from rouge_score import rouge_scorer
 
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
-from tki_trainer.evaluation import answer_budgets, generate_answers, score, score_by, score_examples, scoring
+from tki_trainer.evaluation import (
+    answer_budgets,
+    completion_nll,
+    generate_answers,
+    score,
+    score_by,
+    score_examples,
+    scoring,
+)
 from tki_trainer.evaluation.comparison import paired_bootstrap
+from tki_trainer.tuner import route
 
 
 PREDICTIONS = ["The cat sat on the mat.", "paris", "A skier skis down the mountains", "no idea"]
@@ -181,3 +190,23 @@ def test_pairing_seeds_cancels_what_a_seed_does_to_both_systems():
     assert paired.difference == pytest.approx(unpaired.difference)
     with pytest.raises(ValueError, match="same training seeds"):
         paired_bootstrap(a[:2], b, paired_seeds=True)
+
+
+def test_completion_nll_equals_each_rows_own_loss_routed_by_its_query():
+    """Batched, padded and routed, each row's score is the mean token loss of its completion computed alone."""
+    tokenizer = tiny_tokenizer()
+    model = trained_like(get_peft_model(tiny_llama(), tki_config())).eval()
+    prompts = ["The island is", "Paris is the capital of a country called", "Answer:"]
+    completions = [" an island of land.", " France.", " yes or no, the answer is no"]
+    embeddings = torch.randn(3, KEY_DIM, generator=torch.Generator().manual_seed(5))
+    rows = Dataset.from_dict({"prompt": prompts, "completion": completions, "query_embedding": embeddings.tolist()})
+    scores = completion_nll(model, tokenizer, rows, batch_size=2)
+    for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+        prompt_ids = tokenizer(prompt)["input_ids"]
+        ids = tokenizer(prompt + completion + tokenizer.eos_token)["input_ids"]
+        labels = [-100] * len(prompt_ids) + ids[len(prompt_ids) :]
+        with torch.no_grad(), route(model, embeddings[i : i + 1]):
+            alone = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
+        assert scores[i] == pytest.approx(float(alone), rel=1e-5)
+    with pytest.raises(ValueError, match="add_query_embeddings"):
+        completion_nll(model, tokenizer, rows.remove_columns("query_embedding"))

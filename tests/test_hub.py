@@ -1,6 +1,7 @@
 """Sharing: the model card, and push / load against a local endpoint that speaks the Hub's HTTP API."""
 
 import hashlib
+import json
 import logging
 import os
 import re
@@ -13,13 +14,14 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
 from conftest import tiny_llama, tiny_tokenizer, tki_config
 from hub_load import routed_logits
 from hub_server import LocalHub
 from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.hub import PushError, push_adapter, render_model_card
+from tki_trainer.hub import PushError, public_name, push_adapter, render_model_card, training_summary
 
 
 TESTS = Path(__file__).parent
@@ -189,3 +191,55 @@ def test_pushes_during_training_are_refused(tmp_path):
         TKIConfig(
             **common(tmp_path, "run"), kr=False, push_to_hub=True, hub_strategy="every_save", hub_model_id="user/run"
         )
+
+
+def test_a_run_from_local_paths_uploads_no_local_directory_and_the_epochs_it_trained(tmp_path, hub):
+    """Model, data and flashbacks given as absolute local paths: the card names them by file or folder name, the
+    uploaded adapter config too, and no uploaded file holds a directory of the run's machine. Stopped by max_steps
+    at half an epoch, the card says so."""
+    base = tmp_path / "models" / "tiny-base"
+    tiny_llama().save_pretrained(base)
+    data = tmp_path / "data" / "train.jsonl"
+    data.parent.mkdir()
+    rows().to_json(data)
+    flashbacks = tmp_path / "data" / "old.jsonl"
+    rows().select_columns(["prompt", "query_embedding"]).to_json(flashbacks)
+    args = TKIConfig(**common(tmp_path, "run", max_steps=2), kr=False, flashback_dataset=str(flashbacks))
+    model = AutoModelForCausalLM.from_pretrained(str(base))
+    trainer = TKITrainer(model, args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
+                         peft_config=tki_config())  # fmt: skip
+    trainer.train()
+    trainer.push_to_hub(token=TOKEN, dataset_name=str(data))
+    files = hub.store.resolve("user/run", "main")[1]
+    uploaded = {name: hub.store.blob(entry["oid"]) for name, entry in files.items()}
+    card = uploaded["README.md"].decode()
+    assert ModelCard(card).data.base_model == "tiny-base"
+    assert "`train.jsonl`" in card and "`old.jsonl`" in card and "0.5 epoch(s)" in card
+    assert json.loads(uploaded["adapter_config.json"])["base_model_name_or_path"] == "tiny-base"
+    assert not [name for name, content in uploaded.items() if str(tmp_path).encode() in content]
+
+
+def test_public_names_keep_hub_ids_and_name_local_paths_by_their_last_part(tmp_path):
+    snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    assert public_name("org/model") == "org/model"
+    assert public_name(str(snapshot)) == "org/model"
+    assert public_name(str(tmp_path / "data" / "rows.jsonl")) == "rows.jsonl"
+    assert public_name("./outputs/run") == "run" and public_name(None) is None
+
+
+@pytest.mark.parametrize(
+    "settings,says",
+    [
+        ({}, ["eq. 6 as written", "pushed away from the prompt (Wasserstein weight -1, eq. 5 as written)"]),
+        (
+            dict(reinstatement_target="harder", prior_inputs_wasserstein_weight=1.0),
+            ["minus sign dropped", "kept near"],
+        ),
+        (dict(kr=False), []),
+    ],
+)
+def test_the_card_says_which_reading_of_reinstatement_trained_the_adapter(tmp_path, settings, says):
+    text = training_summary(TKIConfig(**common(tmp_path, "run"), **{"kr": True, **settings}), rows=8)
+    assert all(phrase in text for phrase in says)
+    assert ("Knowledge reinstatement" in text) == bool(says)

@@ -1,7 +1,9 @@
 """The ``tki-prepare`` command: data, query embeddings and prior inputs in one resumable run."""
 
+import re
 from pathlib import Path
 
+import pytest
 from datasets import load_from_disk
 
 from conftest import tiny_llama, tiny_tokenizer
@@ -36,4 +38,8 @@ def test_prepare_writes_dataset_and_store_and_resumes(tmp_path):
     assert sorted(store.examples) == sorted(dataset["id"])
     shards = {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "prior_inputs").glob("shard-*")}
     main(argv)
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "prior_inputs").glob("shard-*")} == shards
+    for changed, named in ((["--limit", "2"], "--limit None (asked: 2)"), (["--max_length", "32"], "--max_length 64")):
+        with pytest.raises(SystemExit, match=re.escape(named)):
+            main([*argv, *changed])
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "out" / "prior_inputs").glob("shard-*")} == shards

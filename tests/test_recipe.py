@@ -100,6 +100,8 @@ def test_paper_preset_holds_the_papers_values_and_marks_ours():
         "reinstatement_alpha": 1.0,
         "prior_inputs_steps": 3,
         "prior_inputs_learning_rate": 5e-6,
+        "prior_inputs_wasserstein_weight": -1.0,
+        "reinstatement_target": "easier",
     }
     ours = {key for key, entry in resolved.items() if entry["origin"] == "ours"}
     assert {"lora_alpha", "latent_r", "latent_target_modules", "max_length", "num_validation_tasks"} <= ours
@@ -200,3 +202,15 @@ def test_the_embedded_preset_trains_on_the_sni_slice_and_reports_per_category(tm
     assert len(metrics["adapter"]) > 2 and "all" in metrics["adapter"]
     card = (tmp_path / "out" / "README.md").read_text()
     assert "copy_demo" in card and "HuggingFaceTB/SmolLM2-135M-Instruct" in card
+
+
+def test_the_resolved_config_names_local_paths_without_their_directories(tmp_path):
+    """resolved_config.json is uploaded with the adapter: a local model or data path is named by its last part."""
+    data = tmp_path / "data" / "sni"
+    data.mkdir(parents=True)
+    argv = ["--model_name_or_path", str(tmp_path / "base"), "--train_data", str(data), "--output_dir",
+            str(tmp_path / "out"), "--use_cpu", "true"]  # fmt: skip
+    _, config, resolved = sni_llama.parse(argv)
+    assert resolved["train_data"]["value"] == "sni" and resolved["model_name_or_path"]["value"] == "base"
+    assert resolved["output_dir"]["value"] == "out" and config.output_dir == str(tmp_path / "out")
+    assert str(tmp_path) not in json.dumps(resolved)

@@ -1,10 +1,13 @@
 import json
 import re
+from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from datasets import Dataset
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from transformers import CohereConfig, CohereForCausalLM, Gemma2Config, Gemma2ForCausalLM, LlamaForCausalLM
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.utils import add_fused_lm_head
@@ -19,7 +22,7 @@ from tki_trainer.reinstatement import (
     stage1,
 )
 from tki_trainer.reinstatement.fingerprint import prompt_hash
-from tki_trainer.reinstatement.stage1 import wasserstein
+from tki_trainer.reinstatement.stage1 import completion_cross_entropy, wasserstein
 from tki_trainer.reinstatement.store import FORMAT_VERSION
 
 
@@ -266,7 +269,7 @@ def test_check_refuses_a_store_computed_with_other_stage1_settings(tmp_path):
     for changed, message in [
         (dict(steps=3), "steps=1 (asked: 3)"),
         (dict(learning_rate=5e-6), "learning_rate=0.001 (asked: 5e-06)"),
-        (dict(wasserstein_weight=2.0), "wasserstein_weight=1.0 (asked: 2.0)"),
+        (dict(wasserstein_weight=2.0), "wasserstein_weight=-1.0 (asked: 2.0)"),
         (dict(wasserstein="sinkhorn"), "wasserstein='emd' (asked: 'sinkhorn')"),
     ]:
         asked = PriorInputConfig(**{**computed.to_dict(), **changed})
@@ -300,3 +303,119 @@ def test_stage1_projects_only_the_positions_that_predict_a_labelled_token():
     optimize_prior_inputs(model, input_ids, attention_mask, labels, lengths, PriorInputConfig(steps=2))
     labelled = int((labels[:, 1:] != -100).sum())
     assert projected == [torch.Size([labelled])] * 3
+
+
+def test_the_wasserstein_gradient_ratio_is_the_norm_ratio_at_the_last_step():
+    """Eq. 5 as written (lam = -1) and lam = 0: the reported ratio is |lam grad W| / |grad CE| at the last step,
+    recomputed here from the optimised embeddings one step before the end."""
+    model, batch = tiny_llama(), collated_batch(tiny_tokenizer())
+    input_ids, attention_mask, labels, lengths = batch
+    without = optimize_prior_inputs(model, *batch, replace(FAST, wasserstein_weight=0.0))
+    assert (without.wasserstein_gradient_ratio == 0).all()
+    before_last = optimize_prior_inputs(model, *batch, replace(FAST, steps=FAST.steps - 1, wasserstein_weight=-1.0))
+    result = optimize_prior_inputs(model, *batch, replace(FAST, wasserstein_weight=-1.0))
+    for i, n in enumerate(lengths.tolist()):
+        q = before_last.embeddings[i : i + 1].clone().requires_grad_(True)
+        embedded = model.get_input_embeddings()(input_ids[i : i + 1]).detach()
+        inputs = torch.cat([q[:, :n], embedded[:, n:]], dim=1)
+        ce = completion_cross_entropy(model, inputs, attention_mask[i : i + 1], labels[i : i + 1]).sum()
+        (ce_grad,) = torch.autograd.grad(ce, [q])
+        distance = wasserstein(q[0, :n], before_last.initial[i, :n], "emd", 0.0)
+        (w_grad,) = torch.autograd.grad(distance, [q])
+        expected = float(w_grad.norm() / ce_grad.norm())
+        assert float(result.wasserstein_gradient_ratio[i]) == pytest.approx(expected, rel=1e-3)
+
+
+def test_a_deleted_shard_is_recomputed_without_overwriting_another(tmp_path):
+    """Shards are named after the examples they hold, not after how many are on disk: deleting one (the repair of a
+    corrupt shard) and rerunning restores the store whole."""
+    model, tokenizer = tiny_llama(), tiny_tokenizer()
+    store = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=FAST)
+    shards = sorted((tmp_path / "store").glob("shard-*"))
+    assert len(shards) == 3
+    deleted = next(shard for shard in shards if len(store_ids(shard)) == 2)
+    kept = {shard.name: shard.read_bytes() for shard in shards if shard != deleted}
+    deleted.unlink()
+    rerun = compute_prior_inputs(model, tokenizer, dataset(), tmp_path / "store", config=FAST)
+    assert sorted(rerun.examples) == ["a", "b", "c", "d", "e"]
+    assert {
+        shard.name: shard.read_bytes() for shard in (tmp_path / "store").glob("shard-*") if shard.name in kept
+    } == kept
+    for example_id in rerun.examples:
+        torch.testing.assert_close(rerun.load_delta(example_id), store.load_delta(example_id))
+
+
+def store_ids(shard):
+    with safe_open(shard, framework="pt") as handle:
+        return list(handle.keys())
+
+
+@pytest.mark.parametrize(
+    "rows,kwargs,message",
+    [
+        ([{"id": 1, "prompt": "Answer:", "completion": " no"}], {}, "holds int values"),
+        ([{"id": None, "prompt": "Answer:", "completion": " no"}], {}, "holds NoneType values"),
+        (
+            [{"id": "a", "prompt": "Paris is the capital of", "completion": " France."}],
+            dict(max_length=3),
+            "max_length=3",
+        ),
+        ([], {}, "no rows"),
+    ],
+)
+def test_rows_stage_1_cannot_use_are_refused_before_the_store_is_written(tmp_path, rows, kwargs, message):
+    rows = Dataset.from_list(rows) if rows else Dataset.from_dict({"id": [], "prompt": [], "completion": []})
+    with pytest.raises(ValueError, match=message):
+        compute_prior_inputs(tiny_llama(), tiny_tokenizer(), rows, tmp_path / "store", config=FAST, **kwargs)
+    assert not (tmp_path / "store").exists()
+
+
+@pytest.mark.parametrize(
+    "settings,message",
+    [
+        (dict(learning_rate=-1.0), "must be >= 0"),
+        (dict(wasserstein="sinkhorn", sinkhorn_reg=0.0), "sinkhorn_reg=0.0"),
+    ],
+)
+def test_stage_1_settings_that_cannot_work_are_refused(settings, message):
+    with pytest.raises(ValueError, match=message):
+        PriorInputConfig(**settings)
+
+
+def test_non_finite_prior_inputs_are_never_written(tmp_path, monkeypatch):
+    """A stage-1 batch that diverges is refused before its shard is written; the batches before it stay."""
+    original = stage1.optimize_prior_inputs
+    calls = []
+
+    def diverging(*args, **kwargs):
+        result = original(*args, **kwargs)
+        calls.append(1)
+        if len(calls) == 2:
+            result.embeddings[0] = float("nan")
+        return result
+
+    monkeypatch.setattr(stage1, "optimize_prior_inputs", diverging)
+    with pytest.raises(ValueError, match="non-finite prior inputs"):
+        compute_prior_inputs(tiny_llama(), tiny_tokenizer(), dataset(), tmp_path / "store", config=FAST)
+    assert len(PriorInputStore(tmp_path / "store").examples) == 2
+
+
+def test_a_damaged_store_names_the_file_and_the_repair(tmp_path):
+    store = compute_prior_inputs(tiny_llama(), tiny_tokenizer(), dataset(), tmp_path / "store", config=FAST)
+    shard = store.examples["a"].shard
+    tensors = load_file(shard)
+    with safe_open(shard, framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors["a"] = torch.full_like(tensors["a"], float("nan"))
+    save_file(tensors, shard, metadata=metadata)
+    with pytest.raises(ValueError, match=f"example 'a' in {re.escape(str(shard))} holds NaN"):
+        PriorInputStore(tmp_path / "store").load_delta("a")
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"{re.escape(str(shard))} is not a readable shard.*delete it"):
+        PriorInputStore(tmp_path / "store")
+    shard.write_bytes(b"")
+    with pytest.raises(ValueError, match="not a readable shard"):
+        PriorInputStore(tmp_path / "store")
+    (tmp_path / "store" / "store.json").write_text("{")
+    with pytest.raises(ValueError, match="store.json is not valid JSON"):
+        PriorInputStore(tmp_path / "store")

@@ -6,7 +6,7 @@ from peft import PeftConfig, PeftModel, PeftModelForCausalLM, get_peft_model
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 
 from conftest import KEY_DIM, tiny_llama, tki_config, trained_like
-from tki_trainer import LatentLoraConfig, TKIModel, route
+from tki_trainer import LatentLoraConfig, TKIModel, export_lora, route
 from tki_trainer.retrieval import retrieve
 from tki_trainer.tuner import TKILayer
 
@@ -213,6 +213,11 @@ def count_embedding_calls(model):
         (dict(query_embeddings=torch.randn(KEY_DIM)), r"\[batch, key_dim\]"),
         (dict(group_ids=torch.tensor([0, 1, 2])), "without query_embeddings"),
         ({}, "no query embeddings were given"),
+        (
+            dict(query_embeddings=torch.randn(3, KEY_DIM).index_fill_(0, torch.tensor([1]), float("nan"))),
+            r"\[1\] hold NaN",
+        ),
+        (dict(query_embeddings=torch.full((3, KEY_DIM), float("inf"))), r"\[0, 1, 2\] hold NaN or inf"),
     ],
 )
 def test_bad_routing_is_refused_before_model_work(kwargs, message):
@@ -246,6 +251,17 @@ def test_disabled_adapter_needs_no_queries():
 def test_bad_configs_are_refused(overrides, message):
     with pytest.raises(ValueError, match=message):
         tki_config(**overrides)
+
+
+def test_a_bank_that_matches_no_layer_is_refused():
+    with pytest.raises(ValueError, match="matches no layer.*q_proj"):
+        get_peft_model(tiny_llama(), tki_config(latent_target_modules=["vproj"]))
+
+
+def test_export_refuses_a_non_finite_query(tmp_path):
+    with pytest.raises(ValueError, match="NaN or inf"):
+        export_lora(tki_model(), torch.full((KEY_DIM,), float("nan")), tmp_path / "plain")
+    assert not (tmp_path / "plain").exists()
 
 
 def test_merging_is_refused_with_the_export_route():

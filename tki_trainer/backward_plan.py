@@ -1,8 +1,8 @@
 """Which backward passes a PCGrad micro-batch takes, and in which order, to get both objectives' gradients.
 
 ``g1`` is the gradient of ``L_sft`` (through the real prompt), ``g2`` that of ``alpha * L_reinst``, which flows
-through the prior input for the examples where ``q`` is the harder input and through the real prompt for the
-others. No plan takes a third forward; the floor is one backward per graph that ``g2`` needs.
+through the prior input for the examples whose reinstatement term takes ``q`` (`Objectives.through_prior`, under
+either reading) and through the real prompt for the others. No plan takes a third forward; the floor is one backward per graph that ``g2`` needs.
 """
 
 from __future__ import annotations
@@ -19,12 +19,12 @@ from .reinstatement.objective import Objectives
 
 class BackwardPlan(enum.Enum):
     PROMPT_ONLY = 1
-    """The prompt is the harder input of every example: ``g2 = alpha g1``, one backward."""
+    """Every example's reinstatement term takes the real prompt: ``g2 = alpha g1``, one backward."""
     PRIOR_ONLY = 2
-    """The prior input is the harder one of every example: one backward through each graph."""
+    """Every example's reinstatement term takes the prior input: one backward through each graph."""
     SPLIT = 3
     """Mixed: the real-prompt backward also yields, through `SubsetGradients`, the reinstatement share of the
-    examples where the prompt is harder; then one backward through the prior-input graph."""
+    examples whose term takes the real prompt; then one backward through the prior-input graph."""
     RETAINED = 4
     """Mixed, where the capture cannot cover every trainable parameter: the reinstatement backward runs through
     both graphs, the real-prompt graph kept alive for it (three passes through a graph: the real-prompt graph
@@ -35,11 +35,12 @@ class BackwardPlan(enum.Enum):
         return {BackwardPlan.PROMPT_ONLY: 1, BackwardPlan.RETAINED: 3}.get(self, 2)
 
 
-def choose_plan(q_wins: torch.Tensor, capture: SubsetGradients | None) -> BackwardPlan:
-    """The cheapest plan for this micro-batch (``capture``: the recording of its real-prompt forward, if any)."""
-    if not bool(q_wins.any()):
+def choose_plan(through_prior: torch.Tensor, capture: SubsetGradients | None) -> BackwardPlan:
+    """The cheapest plan for this micro-batch (``through_prior``: the examples whose reinstatement term takes the
+    prior input; ``capture``: the recording of its real-prompt forward, if any)."""
+    if not bool(through_prior.any()):
         return BackwardPlan.PROMPT_ONLY
-    if bool(q_wins.all()):
+    if bool(through_prior.all()):
         return BackwardPlan.PRIOR_ONLY
     return BackwardPlan.SPLIT if capture is not None and capture.complete else BackwardPlan.RETAINED
 
@@ -61,11 +62,11 @@ def run_plan(
         accumulator.add(1, g1, scale=alpha)
         return
     if plan is BackwardPlan.SPLIT:
-        capture.weights = (~objectives.q_wins).float()
+        capture.weights = (~objectives.through_prior).float()
     backward(objectives.sft, retain_graph=plan is BackwardPlan.RETAINED)
     accumulator.add(0, accumulator.take_gradients())
     if plan is BackwardPlan.SPLIT:
         accumulator.add(1, capture.take(), scale=alpha)
-    through = objectives.reinstatement if plan is BackwardPlan.RETAINED else objectives.reinstatement_through_q
+    through = objectives.reinstatement if plan is BackwardPlan.RETAINED else objectives.reinstatement_through_prior
     backward(alpha * through)
     accumulator.add(1, accumulator.take_gradients())

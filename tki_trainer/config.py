@@ -13,9 +13,15 @@ from trl import SFTConfig
 
 from .flashback import DIVERGENCES
 from .reinstatement import PriorInputConfig
+from .reinstatement.objective import REINSTATEMENT_TARGETS
 
 
 PRIOR_INPUTS_PREFIX = "prior_inputs_"
+
+MERGED_EXAMPLES = (
+    "packing / eval_packing / padding_free merge examples into one row, but TKI routes and reinstates per example: "
+    "set packing=False, eval_packing=False and padding_free=False (or lta=False and kr=False)."
+)
 
 
 def _prior_input_fields() -> list[tuple[str, type, dataclasses.Field]]:
@@ -63,9 +69,14 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         default=True,
         metadata={"help": "Latent task adaptation: route each example to its retrieved latent LoRA increments."},
     )
-    kr: bool = field(
-        default=True,
-        metadata={"help": "Knowledge reinstatement: also train on each example's optimised prior input embeddings."},
+    kr: Optional[bool] = field(
+        default=None,
+        metadata={
+            "help": "Knowledge reinstatement: also train on each example's optimised prior input embeddings. Unset "
+            "(None): on where the training rows have a prompt and a completion (prompt/completion, messages) and no "
+            "setting rules it out, else off with one log line (TKITrainer decides, as SFTTrainer decides "
+            "completion_only_loss=None)."
+        },
     )
     pcgrad: bool = field(
         default=True,
@@ -76,6 +87,16 @@ class TKIConfig(SFTConfig, PriorInputArguments):
     )
     reinstatement_alpha: float = field(
         default=1.0, metadata={"help": "alpha: weight of the reinstatement loss, total = L_sft + alpha * L_reinst."}
+    )
+    reinstatement_target: str = field(
+        default="easier",
+        metadata={
+            "help": "Which input each example's reinstatement term trains through. 'easier': the paper's eq. 6 as "
+            "written (-max of the target's log-likelihoods), min(loss with q, loss with the prompt): after stage 1 "
+            "mostly the prior input, a second form of input for the same target. 'harder': eq. 6 with its minus "
+            "sign dropped, max of the two losses (rarely the prior input after stage 1).",
+            "choices": list(REINSTATEMENT_TARGETS),
+        },
     )
 
     # Inputs TKI computes when the dataset lacks them
@@ -169,11 +190,13 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             raise ValueError(f"prior_inputs_mode must be 'store' or 'on_the_fly', got {self.prior_inputs_mode!r}.")
         if self.reinstatement_alpha < 0:
             raise ValueError(f"reinstatement_alpha must be >= 0, got {self.reinstatement_alpha}.")
-        if (self.lta or self.kr) and (self.packing or self.eval_packing or self.padding_free):
+        if self.reinstatement_target not in REINSTATEMENT_TARGETS:
             raise ValueError(
-                "packing / eval_packing / padding_free merge examples into one row, but TKI routes and reinstates per "
-                "example: set packing=False, eval_packing=False and padding_free=False."
+                f"reinstatement_target must be one of {REINSTATEMENT_TARGETS}, got {self.reinstatement_target!r}: "
+                "'easier' is the paper's eq. 6 as written, 'harder' the reading without its minus sign."
             )
+        if self.lta and (self.packing or self.eval_packing or self.padding_free):
+            raise ValueError(MERGED_EXAMPLES)
         if self.lta and self.optim not in ("adamw_torch", "adamw_torch_fused"):
             raise ValueError(
                 f"lta=True trains the latent bank with row-sparse gradients, which optim={self.optim!r} does not take: "
@@ -186,11 +209,6 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"{engine} reduces and shards gradients itself, and the latent bank's gradients are row-sparse: "
                 "train LTA with DDP (accelerate launch --config_file recipes/accelerate/ddp.yaml), or set lta=False."
             )
-        if engine and self.kr and self.pcgrad:
-            raise ValueError(
-                f"PCGrad needs each objective's full gradient, which {engine} shards and reduces itself: set "
-                "pcgrad=False (KR still works) or train with DDP."
-            )
         self._check_flashbacks()
         if self.flashback_dataset is not None:
             self.check_flashback_engine()
@@ -199,44 +217,61 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"hub_strategy={self.hub_strategy!r} pushes during training, which uploads the Trainer's pickled "
                 "state (training_args.bin, checkpoints): TKITrainer pushes once, with hub_strategy='end'."
             )
-        if not self.kr:
+        if self.kr is False:
             return
         if self.prior_inputs_mode == "on_the_fly" and self.prior_inputs_dir is not None:
             raise ValueError(
                 "prior_inputs_mode='on_the_fly' runs stage 1 on each batch and reads no store: unset prior_inputs_dir, "
                 "or use prior_inputs_mode='store' to train on it."
             )
-        if self.neftune_noise_alpha is not None:
-            raise ValueError(
-                "NEFTune noises the input embeddings, so the prior input q = e + (q - e) would no longer be the one "
-                "stage 1 optimised: set neftune_noise_alpha=None, or kr=False."
-            )
-        if self.truncation_mode != "keep_start":
-            raise ValueError(
-                f"truncation_mode={self.truncation_mode!r}: knowledge reinstatement keeps each prompt's span as "
-                "truncation_mode='keep_start' leaves it; use that (cut long prompts from the left before training with "
-                "tki_trainer.data.fit_prompts), or set kr=False."
-            )
-        if self.completion_only_loss is False:
-            raise ValueError(
-                "Knowledge reinstatement acts on the completion span only: set completion_only_loss=True (or leave it "
-                "unset), or kr=False."
-            )
-        if self.label_smoothing_factor > 0:
-            raise ValueError(
-                "label_smoothing_factor needs the full logits, while knowledge reinstatement compares per-example "
-                "losses from TRL's fused LM head: set label_smoothing_factor=0 (loss_type='dft' works) or kr=False."
-            )
-        if self.pcgrad and self.activation_offloading:
-            raise ValueError(
-                "PCGrad takes a backward pass per objective through graphs that activation offloading moves off the "
-                "device: set activation_offloading=False, or pcgrad=False."
-            )
         if self.prior_inputs_dir is not None and not Path(self.prior_inputs_dir, "store.json").is_file():
             raise ValueError(
                 f"prior_inputs_dir={self.prior_inputs_dir} holds no prior-input store (no store.json): write one with "
                 "tki_trainer.compute_prior_inputs or tki-prepare, or leave prior_inputs_dir unset to compute it."
             )
+        conflict = self.kr_conflict()
+        if self.kr and conflict is not None:
+            raise ValueError(conflict)
+
+    def kr_conflict(self) -> str | None:
+        """The refusal (naming the fix) of the first setting here that knowledge reinstatement cannot honour, or
+        None. ``kr=True`` with one is refused at construction; ``kr=None`` resolves to off (`TKITrainer`)."""
+        engine = self._engine()
+        conflicts = (
+            (self.packing or self.eval_packing or self.padding_free, MERGED_EXAMPLES),
+            (
+                engine and self.pcgrad,
+                f"PCGrad needs each objective's full gradient, which {engine} shards and reduces itself: set "
+                "pcgrad=False (KR still works) or train with DDP.",
+            ),
+            (
+                self.neftune_noise_alpha is not None,
+                "NEFTune noises the input embeddings, so the prior input q = e + (q - e) would no longer be the one "
+                "stage 1 optimised: set neftune_noise_alpha=None, or kr=False.",
+            ),
+            (
+                self.truncation_mode != "keep_start",
+                f"truncation_mode={self.truncation_mode!r}: knowledge reinstatement keeps each prompt's span as "
+                "truncation_mode='keep_start' leaves it; use that (cut long prompts from the left before training "
+                "with tki_trainer.data.fit_prompts), or set kr=False.",
+            ),
+            (
+                self.completion_only_loss is False,
+                "Knowledge reinstatement acts on the completion span only: set completion_only_loss=True (or leave "
+                "it unset), or kr=False.",
+            ),
+            (
+                self.label_smoothing_factor > 0,
+                "label_smoothing_factor needs the full logits, while knowledge reinstatement compares per-example "
+                "losses from TRL's fused LM head: set label_smoothing_factor=0 (loss_type='dft' works) or kr=False.",
+            ),
+            (
+                self.pcgrad and self.activation_offloading,
+                "PCGrad takes a backward pass per objective through graphs that activation offloading moves off "
+                "the device: set activation_offloading=False, or pcgrad=False.",
+            ),
+        )
+        return next((message for found, message in conflicts if found), None)
 
     def _check_flashbacks(self) -> None:
         if self.flashback_weight < 0:

@@ -3,6 +3,7 @@ the upload of an adapter directory to the Hub."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from importlib import resources
@@ -27,6 +28,22 @@ def _template() -> str:
     return resources.files("tki_trainer").joinpath("model_card_template.md").read_text()
 
 
+def public_name(value: str | os.PathLike | None) -> str | None:
+    """How a model or data source is named in anything uploaded: a Hub id as it is; a local path by the Hub id it is
+    a snapshot of (the Hub cache's ``models--owner--name`` folders), else by its file or folder name, never by a
+    user's directories."""
+    if value is None:
+        return None
+    text = str(value)
+    path = Path(text).expanduser()
+    if not (path.is_absolute() or text.startswith((".", "~")) or path.exists()):
+        return text
+    for part in reversed(path.parts):
+        if part.startswith(("models--", "datasets--")):
+            return "/".join(part.split("--")[1:])
+    return path.resolve().name
+
+
 def _listing(value) -> str:
     return value if isinstance(value, str) else ", ".join(sorted(value))
 
@@ -43,7 +60,7 @@ def render_model_card(
     return _template().format(
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
-        base_model=config.base_model_name_or_path or "unknown",
+        base_model=public_name(config.base_model_name_or_path) or "unknown",
         num_groups=config.num_groups,
         keys_per_group=config.keys_per_group,
         num_latent_tasks=config.num_latent_tasks,
@@ -64,18 +81,28 @@ def render_model_card(
 
 
 def training_summary(
-    args: Any, rows: int, dataset_name: str | None = None, flashbacks: int = 0, flashback_source: str | None = None
+    args: Any,
+    rows: int,
+    dataset_name: str | None = None,
+    flashbacks: int = 0,
+    flashback_source: str | None = None,
+    epochs: float | None = None,
 ) -> str:
-    """The card's "Training" line, from a `TKIConfig`: rows, length, epochs, rate, effective batch, switches, and
-    the flashbacks when there were any (a continual stage: what the adapter was kept close to; ``flashback_source``
-    names where they came from when that was a path or a Hub id)."""
+    """The card's "Training" line, from a `TKIConfig`: rows, length, epochs (``epochs`` trained, else the
+    configured number), rate, effective batch, switches, and the flashbacks when there were any (a continual stage:
+    what the adapter was kept close to; ``flashback_source`` names where they came from when that was a path or a
+    Hub id). Paths are named by `public_name`."""
+    dataset_name, flashback_source = public_name(dataset_name), public_name(flashback_source)
     source = f" of `{dataset_name}`" if dataset_name else ""
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
+    epochs = args.num_train_epochs if epochs is None else epochs
     summary = (
-        f"{rows} rows{source}, at most {args.max_length} tokens, {args.num_train_epochs:g} epoch(s), learning rate "
+        f"{rows} rows{source}, at most {args.max_length} tokens, {epochs:.3g} epoch(s), learning rate "
         f"{args.learning_rate:g}, effective batch {batch}; {switches}, reinstatement alpha {args.reinstatement_alpha:g}."
     )
+    if args.kr:
+        summary = f"{summary} {reinstatement_reading(args)}"
     if not flashbacks:
         return summary
     origin = f" of `{flashback_source}`" if flashback_source else ""
@@ -91,6 +118,27 @@ def training_summary(
         f"micro-batch, {routing}; {divergence} divergence (weight {args.flashback_weight:g}) to the model as it was "
         f"before this training, over the prompt's positions{continuation}."
     )
+
+
+READINGS = {
+    "easier": "the paper's eq. 6 as written: each example trained through whichever of its prompt and its prior input "
+    "already produced the target more easily (after stage 1 mostly the prior input, a second form of input for the "
+    "same target)",
+    "harder": "eq. 6 with its minus sign dropped: each example trained through whichever of its prompt and its prior "
+    "input produced the target less easily (after stage 1 rarely the prior input)",
+}
+
+
+def reinstatement_reading(args: Any) -> str:
+    """The card's sentence on how knowledge reinstatement was read: eq. 6's target and stage 1's Wasserstein sign."""
+    weight = args.prior_inputs_wasserstein_weight
+    if weight < 0:
+        stage1 = f"pushed away from the prompt (Wasserstein weight {weight:g}, eq. 5 as written)"
+    elif weight > 0:
+        stage1 = f"kept near the prompt (Wasserstein weight {weight:g})"
+    else:
+        stage1 = "without the Wasserstein term"
+    return f"Knowledge reinstatement: {READINGS[args.reinstatement_target]}; prior inputs from stage 1 {stage1}."
 
 
 def evaluation_table(log_history: list[dict[str, Any]]) -> str:
@@ -161,11 +209,19 @@ def push_adapter(
 
 
 def _additions(folder: Path, path_in_repo: str) -> list[CommitOperationAdd]:
+    """Every uploadable file of ``folder``; an adapter config names its base model by `public_name`."""
     files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
-    return [
-        CommitOperationAdd(path_in_repo=f"{path_in_repo}/{name}".lstrip("/"), path_or_fileobj=str(folder / name))
-        for name in filter_repo_objects(files, ignore_patterns=list(PUSH_IGNORE))
-    ]
+    operations = []
+    for name in filter_repo_objects(files, ignore_patterns=list(PUSH_IGNORE)):
+        content: str | bytes = str(folder / name)
+        if Path(name).name == "adapter_config.json":
+            config = json.loads((folder / name).read_text())
+            config["base_model_name_or_path"] = public_name(config.get("base_model_name_or_path"))
+            content = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
+        operations.append(
+            CommitOperationAdd(path_in_repo=f"{path_in_repo}/{name}".lstrip("/"), path_or_fileobj=content)
+        )
+    return operations
 
 
 def _redacted(text: str, token: str | None) -> str:

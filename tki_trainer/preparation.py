@@ -7,20 +7,24 @@ the routing columns (query embeddings, group ids) and the prior-input store of K
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
+from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
+from trl.trainer.utils import get_config_model_id
 
-from .data.formats import CONTENT_COLUMNS, messages_to_prompt_completion, with_ids
-from .data.queries import add_query_embeddings
+from .data.formats import messages_to_prompt_completion, turns_text, with_ids
+from .data.queries import add_query_embeddings, row_query_text
+from .data.tokenization import TEMPLATE_COLUMNS
 from .embedded import load_query_encoder
-from .presets import shared_lora_config
 from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
 from .retrieval import hashed_group
@@ -36,6 +40,9 @@ __all__ = [
     "prior_input_store",
     "prompt_hashes",
     "query_encoder",
+    "query_text_of",
+    "reinstatement_obstacle",
+    "resolve_kr",
     "routing_columns",
     "with_ids",
     "with_routing_columns",
@@ -45,23 +52,42 @@ query_encoder = functools.lru_cache(maxsize=1)(load_query_encoder)
 """A query encoder by name (``"embedded"`` or a sentence-transformers name), loaded once per process."""
 
 
-def as_prompt_completion(dataset: Dataset, name: str = "train", id_column: str = "id") -> Dataset:
-    """Rows knowledge reinstatement can use: prompt/completion rows as they are, ``messages`` rows split at their
-    last assistant turn (the same tokens under the chat template, with the loss on that turn). Language-modelling
-    rows, which have no prompt to reinstate, are refused."""
-    columns = set(dataset.column_names)
-    if "messages" in columns and "prompt" not in columns:
-        dataset = dataset.map(messages_to_prompt_completion, remove_columns="messages", desc="Splitting messages")
-    elif not {"prompt", "completion"} <= columns:
+def rows_without_prompt(columns: list[str], name: str = "train") -> str | None:
+    """Why rows with these columns give knowledge reinstatement no prompt to reinstate (a refusal naming the fix),
+    or None for prompt/completion, ``messages`` and ``conversations`` rows."""
+    if "input_ids" in columns:
+        kind = "pretokenized ('input_ids')"
+    elif {"prompt", "completion"} <= set(columns) or {"messages", "conversations"} & set(columns):
+        return None
+    else:
         kind = "language-modelling ('text')" if "text" in columns else f"{sorted(columns)}"
-        raise ValueError(
-            f"Knowledge reinstatement needs a prompt to reinstate, but the {name} rows are {kind} rows: give "
-            "prompt/completion or messages rows, or set kr=False."
-        )
+    return (
+        f"Knowledge reinstatement needs a prompt to reinstate, but the {name} rows are {kind} rows: give "
+        "prompt/completion or messages rows, or set kr=False."
+    )
+
+
+def as_prompt_completion(
+    dataset: Dataset | IterableDataset, name: str = "train", id_column: str = "id"
+) -> Dataset | IterableDataset:
+    """Rows knowledge reinstatement can use: prompt/completion rows as they are, ``messages`` (or ``conversations``)
+    rows split at their last assistant turn (the same tokens under the chat template, with the loss on that turn).
+    Rows without a prompt to reinstate, and rows with an empty prompt or completion, are refused. Streamed
+    (evaluation) rows are split as they stream."""
+    columns = get_dataset_column_names(dataset)
+    refusal = rows_without_prompt(columns, name)
+    if refusal is not None:
+        raise ValueError(refusal)
+    if "conversations" in columns:
+        dataset = dataset.map(maybe_convert_to_chatml, remove_columns="conversations")
+        columns = [*(c for c in columns if c != "conversations"), "messages"]
+    if "messages" in columns and "prompt" not in columns:
+        dataset = dataset.map(messages_to_prompt_completion, remove_columns="messages")
+    if isinstance(dataset, IterableDataset):
+        return dataset
     for example_id, prompt, completion in zip(*(dataset[c] for c in (id_column, "prompt", "completion"))):
         for part, value in (("prompt", prompt), ("completion", completion)):
-            text = value if isinstance(value, str) else "".join(m["content"] for m in value)
-            if not text.strip():
+            if not turns_text(value).strip():
                 raise ValueError(
                     f"Row {example_id!r} of the {name} dataset has an empty {part}: drop it (knowledge reinstatement "
                     "needs a prompt to optimise and a target to reach), or set kr=False."
@@ -69,10 +95,109 @@ def as_prompt_completion(dataset: Dataset, name: str = "train", id_column: str =
     return dataset
 
 
+def resolve_kr(args: Any, rows: Dataset | IterableDataset | None, model: Any, **settings: Any) -> Any:
+    """``args`` with ``kr`` decided, before anything reads it: ``kr=True`` where knowledge reinstatement cannot train
+    is refused (`reinstatement_obstacle`); ``kr=None`` becomes True where it can and False (one log line) where it
+    cannot, on a copy, so that the caller's arguments stay as given. ``settings``: the trainer's
+    ``formatting_func`` and ``compute_loss_func``."""
+    if args.kr is False:
+        return args
+    obstacle = reinstatement_obstacle(args, rows, model, **settings)
+    if args.kr and obstacle is not None:
+        raise ValueError(obstacle)
+    if args.kr is None:
+        if obstacle is not None:
+            logger.warning("kr unset: knowledge reinstatement is off here (kr=True would be refused: %s)", obstacle)
+        args = copy.copy(args)
+        args.kr = obstacle is None
+    return args
+
+
+def reinstatement_obstacle(
+    args: Any,
+    rows: Dataset | IterableDataset | None,
+    model: Any,
+    *,
+    formatting_func: Any = None,
+    compute_loss_func: Any = None,
+) -> str | None:
+    """Why knowledge reinstatement cannot train on these rows with these settings (a refusal naming the fix), or
+    None. `TKITrainer` refuses ``kr=True`` with it and resolves ``kr=None`` from it, as SFTTrainer resolves
+    ``completion_only_loss=None`` from the rows. Cheap checks first; the model's config is read last."""
+    conflict = args.kr_conflict()
+    if conflict is not None:
+        return conflict
+    if compute_loss_func is not None:
+        return (
+            "compute_loss_func replaces SFTTrainer's token loss, which knowledge reinstatement compares per "
+            "example: subclass TKITrainer instead, use loss_type='dft', or set kr=False."
+        )
+    if rows is None:
+        return None  # SFTTrainer refuses a missing train_dataset
+    if isinstance(rows, IterableDataset):
+        return (
+            "Knowledge reinstatement prepares every training row (its prompt span, id and prior input) before "
+            "training, which a streaming IterableDataset does not allow: pass a Dataset (load_dataset without "
+            "streaming=True), or set kr=False."
+        )
+    if formatting_func is not None or (args.dataset_kwargs or {}).get("skip_prepare_dataset"):
+        how = "formatting_func" if formatting_func is not None else "dataset_kwargs={'skip_prepare_dataset': True}"
+        return (
+            f"Knowledge reinstatement needs a prompt to reinstate, but with {how} SFTTrainer trains on the rows as "
+            "language-modelling text: give prompt/completion or messages rows without it, or set kr=False."
+        )
+    refusal = rows_without_prompt(rows.column_names)
+    if refusal is not None:
+        return refusal
+    if aux_loss_enabled(model, args):
+        return (
+            "The MoE auxiliary loss is a batch-level term that knowledge reinstatement cannot compare per example: "
+            "set router_aux_loss_coef=0.0, or kr=False."
+        )
+    return None
+
+
+def aux_loss_enabled(model: Any, args: Any) -> bool:
+    """Whether SFTTrainer will add the MoE load-balancing loss (its own rule), read from the model's config before
+    the model is loaded."""
+    if isinstance(model, str):
+        revision = (args.model_init_kwargs or {}).get("revision")
+        config = AutoConfig.from_pretrained(model, revision=revision, trust_remote_code=args.trust_remote_code)
+    else:
+        config = model.config
+    text_config = config.get_text_config()
+    coef = args.router_aux_loss_coef
+    coef = getattr(text_config, "router_aux_loss_coef", 0.0) if coef is None else coef
+    return hasattr(text_config, "output_router_logits") and coef != 0.0
+
+
+def default_processing_class(model: Any, args: Any) -> Any:
+    """The processing class SFTTrainer loads when none is given (the same call)."""
+    if isinstance(model, str):
+        model_id, revision = model, (args.model_init_kwargs or {}).get("revision")
+    else:
+        model_id, revision = get_config_model_id(model.config), None
+    return AutoProcessor.from_pretrained(model_id, revision=revision, trust_remote_code=args.trust_remote_code)
+
+
+def query_text_of(args: Any, processing_class: Any, formatting_func: Any = None) -> Callable[[dict[str, Any]], str]:
+    """The text each row's query is encoded from, as SFTTrainer has the model read the row: ``formatting_func``'s
+    text when one is given (SFTTrainer ignores it for pretokenized rows), else `row_query_text` with the config's
+    ``dataset_text_field`` and the tokenizer (which decodes pretokenized rows)."""
+    tokenizer = getattr(processing_class, "tokenizer", processing_class)
+
+    def text_of(row: dict[str, Any]) -> str:
+        if formatting_func is not None and "input_ids" not in row:
+            return formatting_func(row)
+        return row_query_text(row, args.dataset_text_field, tokenizer)
+
+    return text_of
+
+
 def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datasets: list[Any]) -> PeftConfig | None:
-    """The adapter the trainer builds (None: ``model`` already holds one). With ``lta`` a TKI adapter: the given
-    one, one built from a `LoraConfig` (logged), or the paper's, its ``key_dim`` from the query embeddings the
-    ``datasets`` hold or from the encoder; without, the given LoRA or the paper's."""
+    """The adapter the trainer builds (None: ``model`` already holds one, or no adapter: every parameter trains, as
+    in SFTTrainer). With ``lta`` a TKI adapter: the given one, or one built from a `LoraConfig` (logged), its
+    ``key_dim`` from the query embeddings the ``datasets`` hold or from the encoder; without, the given config."""
     if isinstance(model, PeftModel):
         if args.lta and not any(isinstance(m, TKIModel) for m in model.modules()):
             raise ValueError(
@@ -84,10 +209,17 @@ def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datase
         if isinstance(peft_config, LatentLoraConfig):
             raise ValueError(
                 "lta=False with a LatentLoraConfig leaves its bank without routing: pass a peft.LoraConfig, or "
-                "leave peft_config unset for the paper's LoRA."
+                "leave peft_config unset to train every parameter as SFTTrainer does."
             )
-        return peft_config or shared_lora_config()
-    if peft_config is not None and not isinstance(peft_config, (LatentLoraConfig, LoraConfig)):
+        return peft_config
+    if peft_config is None:
+        raise ValueError(
+            "lta=True builds the TKI adapter from a LoraConfig or a LatentLoraConfig, and no peft_config was given: "
+            "pass peft_config=LatentLoraConfig(...) or a peft.LoraConfig (the TKI adapter is built from it), or set "
+            "lta=False to train every parameter as SFTTrainer does (a PEFT adapter directory cannot carry "
+            "full-parameter updates)."
+        )
+    if not isinstance(peft_config, (LatentLoraConfig, LoraConfig)):
         raise ValueError(
             f"lta=True builds the TKI adapter from a LoraConfig or a LatentLoraConfig, not a "
             f"{type(peft_config).__name__}: pass one of those, or set lta=False."
@@ -95,13 +227,13 @@ def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datase
     if isinstance(peft_config, LatentLoraConfig):
         return peft_config
     datasets = [d for ds in datasets for d in (ds.values() if isinstance(ds, dict) else [ds]) if d is not None]
-    given = [d for d in datasets if args.query_embedding_column in d.column_names]
+    given = [d for d in datasets if args.query_embedding_column in get_dataset_column_names(d)]
     if given:
-        key_dim, encoder = len(given[0][0][args.query_embedding_column]), None
+        key_dim, encoder = len(next(iter(given[0]))[args.query_embedding_column]), None
     else:
         key_dim, encoder = query_encoder(args.query_encoder).get_embedding_dimension(), args.query_encoder
     bank = dict(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
-    built = LatentLoraConfig.from_lora_config(peft_config or shared_lora_config(), **bank)
+    built = LatentLoraConfig.from_lora_config(peft_config, **bank)
     logger.info(
         "lta=True: training a TKI adapter with the shared LoRA (r=%d, alpha=%g, on %s) and a bank of C=%d x Q=%d "
         "latent tasks (k=%d, rank %d on %s), key_dim %d",
@@ -112,7 +244,7 @@ def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datase
 
 
 def with_routing_columns(
-    dataset: Dataset,
+    dataset: Dataset | IterableDataset,
     config: LatentLoraConfig,
     *,
     encoder: str,
@@ -120,29 +252,37 @@ def with_routing_columns(
     group_column: str = "group_id",
     id_column: str = "id",
     cache_dir: str | os.PathLike | None = None,
-) -> Dataset:
-    """Add what routing needs: query embeddings of the prompts (encoded with ``encoder`` when absent, cached) and
-    group ids (a seeded hash of the id when absent). Given embeddings are checked against ``config.key_dim``."""
-    if query_column in dataset.column_names:
-        dim = len(dataset[0][query_column])
+    text_of: Callable[[dict[str, Any]], str] = row_query_text,
+) -> Dataset | IterableDataset:
+    """Add what routing needs: query embeddings of the text each row's model reads before its answer (``text_of``;
+    encoded with ``encoder`` when absent, cached) and group ids (a seeded hash of the id when absent). Given
+    embeddings are checked against ``config.key_dim``. Streamed rows get both as they stream."""
+    columns = get_dataset_column_names(dataset)
+    if query_column in columns:
+        dim = len(next(iter(dataset))[query_column])
         if dim != config.key_dim:
             raise ValueError(
                 f"The '{query_column}' column holds {dim}-dimensional embeddings but the adapter has "
                 f"key_dim={config.key_dim}: build the adapter with key_dim={dim}, or re-encode the prompts."
             )
-    elif not set(CONTENT_COLUMNS) & set(dataset.column_names) - {"completion"}:
-        raise ValueError(
-            f"The dataset has no '{query_column}' column and no 'prompt', 'messages' or 'text' column to encode one "
-            "from: add query embeddings with tki_trainer.add_query_embeddings."
-        )
     else:
+        text_of(next(iter(dataset)))  # a row with no text to encode is refused before the encoder loads
         dataset = add_query_embeddings(
-            dataset, query_encoder(encoder), column=query_column, cache_dir=cache_dir, key_dim=config.key_dim
+            dataset,
+            query_encoder(encoder),
+            column=query_column,
+            cache_dir=cache_dir,
+            key_dim=config.key_dim,
+            text_of=text_of,
         )
-    if group_column not in dataset.column_names:
-        groups = [hashed_group(str(i), config.num_groups, config.seed) for i in dataset[id_column]]
-        dataset = dataset.add_column(group_column, groups)
-    return dataset
+    if group_column in columns:
+        return dataset
+    if isinstance(dataset, IterableDataset):
+        return dataset.map(
+            lambda row: {group_column: hashed_group(str(row[id_column]), config.num_groups, config.seed)}
+        )
+    groups = [hashed_group(str(i), config.num_groups, config.seed) for i in dataset[id_column]]
+    return dataset.add_column(group_column, groups)
 
 
 def prompt_hashes(tokenized: Dataset, id_column: str = "id") -> dict[str, str]:
@@ -166,17 +306,22 @@ def prior_input_store(
     compute_dir: str | os.PathLike,
     max_length: int | None,
     id_column: str = "id",
+    chat_template: str | None = None,
 ) -> PriorInputStore:
     """The prior inputs of ``rows``: read from ``store_dir``, or computed into ``compute_dir`` (resumably) when
-    ``store_dir`` is None; then checked against this model, tokenizer, stage-1 settings and the prompt spans of
-    ``tokenized`` (the trainer's own tokenisation of the same rows)."""
+    ``store_dir`` is None, each row under ``chat_template`` (SFTTrainer's, None: the tokenizer's) with its own
+    tools and chat-template arguments; then checked against this model, tokenizer, stage-1 settings and the prompt
+    spans of ``tokenized`` (the trainer's own tokenisation of the same rows)."""
     if store_dir is not None:
         store = PriorInputStore(store_dir)
     else:
-        rows = rows.select_columns([id_column, "prompt", "completion"])
+        template_columns = [c for c in TEMPLATE_COLUMNS if c in rows.column_names]
+        rows = rows.select_columns([id_column, "prompt", "completion", *template_columns])
         if id_column != "id":
             rows = rows.rename_column(id_column, "id")
-        store = compute_prior_inputs(model, tokenizer, rows, compute_dir, config=config, max_length=max_length)
+        store = compute_prior_inputs(
+            model, tokenizer, rows, compute_dir, config=config, max_length=max_length, chat_template=chat_template
+        )
     store.check(model, tokenizer, prompt_hashes(tokenized, id_column), settings=config)
     return store
 

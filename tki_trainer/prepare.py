@@ -9,7 +9,7 @@ reads). Under ``accelerate launch`` the processes split stage 1's examples.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -18,6 +18,7 @@ from accelerate import PartialState
 from datasets import Dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
 
+from ._io import staged_file
 from .config import PriorInputArguments
 from .data import add_query_embeddings, fit_prompts, load_local, load_p3
 from .embedded import load_embedded_model
@@ -62,6 +63,27 @@ def load_rows(args: PrepareArguments) -> Dataset:
     return dataset.shuffle(seed=args.seed).select(range(min(args.limit, len(dataset)))) if args.limit else dataset
 
 
+DATASET_RECORD = "tki_prepare.json"
+"""Inside ``dataset/``: the arguments it was made with, so a rerun with others is refused instead of reusing it."""
+
+
+def check_dataset_arguments(dataset_dir: Path, args: PrepareArguments) -> None:
+    """Refuse a ``dataset/`` made with other data arguments (every argument but ``output_dir``)."""
+    record = dataset_dir / DATASET_RECORD
+    if not (dataset_dir / "dataset_info.json").is_file():
+        return
+    made = json.loads(record.read_text()) if record.is_file() else {}
+    asked = {key: value for key, value in asdict(args).items() if key != "output_dir"}
+    differ = [
+        f"--{key} {made.get(key)!r} (asked: {value!r})" for key, value in asked.items() if made.get(key) != value
+    ]
+    if differ:
+        raise SystemExit(
+            f"tki-prepare: {dataset_dir} was made with {', '.join(differ)}: pass another --output_dir, or delete "
+            f"{dataset_dir.parent} to prepare it again with these arguments."
+        )
+
+
 def main(argv: list[str] | None = None) -> None:
     args, stage1 = HfArgumentParser((PrepareArguments, PriorInputArguments)).parse_args_into_dataclasses(args=argv)
     if not Path(args.data).is_file():
@@ -69,6 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     config = stage1.prior_input_config
     state = PartialState()
     output_dir = Path(args.output_dir)
+    check_dataset_arguments(output_dir / "dataset", args)
     if args.model == "embedded":
         model, tokenizer = load_embedded_model()
     else:
@@ -88,6 +111,9 @@ def main(argv: list[str] | None = None) -> None:
             dataset = add_query_embeddings(dataset, query_encoder(args.encoder), cache_dir=output_dir / "_cache")
             if state.is_main_process:
                 dataset.save_to_disk(str(dataset_dir))
+                made = {key: value for key, value in asdict(args).items() if key != "output_dir"}
+                with staged_file(dataset_dir / DATASET_RECORD) as staging:
+                    staging.write_text(json.dumps(made, indent=2))
                 if report is not None:
                     state.print(f"fit to {args.max_length} tokens: {report}")
     store = compute_prior_inputs(

@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 from peft import PeftConfig, PeftModel
 from torch.nn.utils.rnn import pad_sequence
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
+from trl.data_utils import get_dataset_column_names
 
 from . import preparation
 from .backward_plan import choose_plan, run_plan
@@ -57,13 +58,15 @@ skips ``_*`` paths."""
 class TKITrainer(SFTTrainer):
     """A drop-in `SFTTrainer` for Task Knowledge Injection.
 
-    Takes what `SFTTrainer` takes. Rows without an ``id`` get a hash of their content; missing query embeddings
-    are computed with ``args.query_encoder`` and missing group ids hashed from the id; with ``kr``, ``messages``
-    rows are split at their last assistant turn and missing prior inputs are computed at construction
-    (``prior_inputs_mode="store"``) or per batch (``"on_the_fly"``). With ``lta`` a `peft.LoraConfig` becomes
-    the TKI adapter built from it. A ``flashback_dataset`` (here or in ``args``) adds Joint Flashback Adaptation's
-    divergence to the model before training on old tasks' prompts. Everything that can be checked is checked
-    before the expensive work starts.
+    Takes what `SFTTrainer` takes, every row format included; with ``lta``, ``kr`` and ``pcgrad`` off it is
+    `SFTTrainer` (no ``peft_config``: every parameter trains). ``kr=None`` is decided from the training rows and
+    settings before anything reads it (`preparation.resolve_kr`). Rows without an ``id`` get a hash of their
+    columns; missing query embeddings are computed with ``args.query_encoder`` from the text the model reads and
+    missing group ids hashed from the id; with ``kr``, ``messages`` rows are split at their last assistant turn and
+    missing prior inputs are computed at construction (``prior_inputs_mode="store"``) or per batch
+    (``"on_the_fly"``). With ``lta`` a `peft.LoraConfig` becomes the TKI adapter built from it. A
+    ``flashback_dataset`` (here or in ``args``) adds Joint Flashback Adaptation's divergence to the model before
+    training on old tasks' prompts. Everything that can be checked is checked before the expensive work starts.
     """
 
     _tag_names = ["trl", "sft", "tki"]
@@ -71,30 +74,33 @@ class TKITrainer(SFTTrainer):
     def __init__(
         self,
         model: str | PreTrainedModel | PeftModel,
-        args: TKIConfig | None = None,
-        train_dataset: Dataset | None = None,
-        eval_dataset: Dataset | dict[str, Dataset] | None = None,
+        args: TKIConfig | TrainingArguments | None = None,
+        train_dataset: Dataset | IterableDataset | None = None,
+        eval_dataset: Dataset | IterableDataset | dict[str, Dataset | IterableDataset] | None = None,
         processing_class: Any = None,
         peft_config: PeftConfig | None = None,
         flashback_dataset: Dataset | str | None = None,
         **kwargs: Any,
     ) -> None:
-        args = args or TKIConfig(output_dir="tki-output")
-        if not isinstance(args, TKIConfig):
-            raise ValueError(f"TKITrainer needs a TKIConfig, got {type(args).__name__}: swap SFTConfig for TKIConfig.")
+        formatting_func = kwargs.get("formatting_func")
+        args = preparation.resolve_kr(
+            _as_tki_config(args),
+            train_dataset,
+            model,
+            formatting_func=formatting_func,
+            compute_loss_func=kwargs.get("compute_loss_func"),
+        )
         if (args.lta or args.kr) and args.n_gpu > 1:
             raise ValueError(
                 f"This process sees {args.n_gpu} GPUs, so the Trainer would split each batch with "
                 "torch.nn.DataParallel, which TKI's per-example routing and reinstatement do not follow: run one "
                 "process per GPU with `accelerate launch` (DDP), or set CUDA_VISIBLE_DEVICES to one GPU."
             )
-        if args.kr and kwargs.get("compute_loss_func") is not None:
-            raise ValueError(
-                "compute_loss_func replaces SFTTrainer's token loss, which knowledge reinstatement compares per "
-                "example: subclass TKITrainer instead, use loss_type='dft', or set kr=False."
-            )
         self._cache_dir = Path(args.output_dir) / CACHE_DIR
         peft_config = preparation.adapter_config(model, args, peft_config, [train_dataset, eval_dataset])
+        if args.lta and processing_class is None:  # loaded here, as SFTTrainer would, to read pretokenized rows
+            processing_class = preparation.default_processing_class(model, args)
+        self._query_text = preparation.query_text_of(args, processing_class, formatting_func)
         train_dataset = self._prepare_rows(train_dataset, args, peft_config, model, "train")
         if isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -117,11 +123,6 @@ class TKITrainer(SFTTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        if args.kr and self.aux_loss_enabled:
-            raise ValueError(
-                "The MoE auxiliary loss is a batch-level term that knowledge reinstatement cannot compare per example: "
-                "set router_aux_loss_coef=0.0, or kr=False."
-            )
         self._reference: Reference | None = None
         self._flashbacks = None if flashback_rows is None else self._flashback_set(flashback_rows, peft_config)
         self._flashback_source = flashback_source if isinstance(flashback_source, str) else None
@@ -152,15 +153,20 @@ class TKITrainer(SFTTrainer):
     # Construction -------------------------------------------------------------------------------------------------
 
     def _prepare_rows(
-        self, dataset: Dataset | None, args: TKIConfig, config: PeftConfig | None, model: Any, name: str
-    ) -> Dataset | None:
-        """Ids, prompt/completion rows for KR (training rows only need them), and the routing columns."""
+        self,
+        dataset: Dataset | IterableDataset | None,
+        args: TKIConfig,
+        config: PeftConfig | None,
+        model: Any,
+        name: str,
+    ) -> Dataset | IterableDataset | None:
+        """Ids, prompt/completion rows for KR (training rows only need them; evaluation rows in a conversation are
+        split as training rows are), and the routing columns."""
         if dataset is None or not (args.lta or args.kr):
             return dataset
         dataset = preparation.with_ids(dataset, args.id_column)
-        if args.kr and name == "train":
-            dataset = preparation.as_prompt_completion(dataset, name, args.id_column)
-        elif args.kr and "messages" in dataset.column_names:
+        conversation = {"messages", "conversations"} & set(get_dataset_column_names(dataset))
+        if args.kr and (name == "train" or conversation):
             dataset = preparation.as_prompt_completion(dataset, name, args.id_column)
         if args.lta:
             config = config or find_tuner(model).peft_config[find_tuner(model).active_adapters[0]]
@@ -172,6 +178,7 @@ class TKITrainer(SFTTrainer):
                 group_column=args.group_id_column,
                 id_column=args.id_column,
                 cache_dir=self._cache_dir / "queries",
+                text_of=self._query_text,
             )
         return dataset
 
@@ -234,6 +241,7 @@ class TKITrainer(SFTTrainer):
                 compute_dir=self._cache_dir / "prior_inputs",
                 max_length=self.args.max_length,
                 id_column=self.args.id_column,
+                chat_template=self.chat_template,
             )
 
     # Training ------------------------------------------------------------------------------------------------------
@@ -262,6 +270,7 @@ class TKITrainer(SFTTrainer):
                 self.accelerator.unwrap_model(model).get_input_embeddings(),
                 self._divisor(prompt_outputs[0], num_items_in_batch),
                 self.args.loss_type,
+                self.args.reinstatement_target,
             )
             self._log_objectives(self._objectives, num_items_in_batch)
             loss = loss + self.args.reinstatement_alpha * self._objectives.reinstatement
@@ -332,7 +341,7 @@ class TKITrainer(SFTTrainer):
             backward(loss)
             self._pcgrad.add(0, self._pcgrad.take_gradients())
             return loss.detach() * scale
-        plan = choose_plan(self._objectives.q_wins, capture)
+        plan = choose_plan(self._objectives.through_prior, capture)
         self._metrics["train"]["pcgrad_backward_passes"].append(plan.backward_passes)
         run_plan(plan, self._objectives, self.args.reinstatement_alpha, self._pcgrad, backward, capture)
         self._objectives = None
@@ -418,7 +427,7 @@ class TKITrainer(SFTTrainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         """SFTTrainer's evaluation; a dataset passed here gets the ids and routing columns that construction gives
         ``eval_dataset``."""
-        if isinstance(eval_dataset, Dataset):
+        if isinstance(eval_dataset, (Dataset, IterableDataset)):
             eval_dataset = self._prepare_rows(eval_dataset, self.args, None, self.model, metric_key_prefix)
         elif isinstance(eval_dataset, dict):
             eval_dataset = {
@@ -438,9 +447,12 @@ class TKITrainer(SFTTrainer):
         gather = self.accelerator.gather_for_metrics
         share = self._accumulation_steps * self._gradient_scale(num_items_in_batch)
         metrics = self._metrics["train"]
-        metrics["loss_sft"].append(gather(objectives.sft.detach()).mean().item() * share)
-        metrics["loss_reinst"].append(gather(objectives.reinstatement.detach()).mean().item() * share)
-        metrics["reinst_q_win_rate"].append(gather(objectives.q_wins.float()).mean().item())
+        sft = gather(objectives.sft.detach()).mean().item() * share
+        reinstatement = gather(objectives.reinstatement.detach()).mean().item() * share
+        metrics["loss_sft"].append(sft)
+        metrics["loss_reinst"].append(reinstatement)
+        metrics["reinst_gap"].append(reinstatement - sft)
+        metrics["reinst_q_win_rate"].append(gather(objectives.through_prior.float()).mean().item())
 
     @property
     def _adapter(self) -> str:
@@ -483,6 +495,7 @@ class TKITrainer(SFTTrainer):
                 dataset_name,
                 flashbacks=len(self._flashbacks) if self._flashbacks is not None else 0,
                 flashback_source=self._flashback_source,
+                epochs=self.state.epoch or None,
             ),
             evaluation=evaluation or evaluation_table(self.state.log_history),
         )
@@ -529,6 +542,16 @@ class TKITrainer(SFTTrainer):
             prior_inputs=self._store.path if prior_inputs else None,
             plain_lora=plain_lora,
         )
+
+
+def _as_tki_config(args: TrainingArguments | None) -> TKIConfig:
+    """``args`` as a `TKIConfig`: `TrainingArguments` (or an `SFTConfig`) converted as SFTTrainer converts them, with
+    TKI's fields at their defaults."""
+    if args is None:
+        return TKIConfig(output_dir="tki-output")
+    if isinstance(args, TKIConfig):
+        return args
+    return TKIConfig(**{**args.to_dict(), "hub_token": args.hub_token})
 
 
 @contextlib.contextmanager

@@ -7,10 +7,23 @@ import json
 from collections import Counter
 from typing import Any
 
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
+from trl.data_utils import get_dataset_column_names
 
 
-CONTENT_COLUMNS = ("prompt", "completion", "messages", "text")
+def message_text(message: dict[str, Any]) -> str:
+    """The text of one chat turn: its content (a string, or the text parts of a multimodal list; none for a turn that
+    only calls tools) followed by its tool calls as JSON."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(part.get("text") or "" for part in content if isinstance(part, dict))
+    calls = message.get("tool_calls")
+    return (content or "") + (json.dumps(calls, sort_keys=True, default=str) if calls else "")
+
+
+def turns_text(value: str | list[dict[str, Any]]) -> str:
+    """The text of a prompt or completion: the string itself, or its turns' texts joined."""
+    return value if isinstance(value, str) else "".join(message_text(m) for m in value)
 
 
 def as_conversational(dataset: Dataset) -> Dataset:
@@ -62,16 +75,26 @@ def check_prompt_completion_rows(dataset: Dataset) -> None:
         duplicates = sorted({i for i in ids if i in seen or seen.add(i)})
         raise ValueError(f"The 'id' column has duplicates (e.g. {duplicates[:3]}); ids must be unique.")
     for example_id, completion in zip(ids, dataset["completion"]):
-        text = completion if isinstance(completion, str) else "".join(m["content"] for m in completion)
-        if not text.strip():
+        if not turns_text(completion).strip():
             raise ValueError(f"Row {example_id!r} has an empty completion: drop it, there is no target to reinstate.")
 
 
-def with_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
-    """``dataset`` with an ``id_column``: kept when present (it must be unique), else a hash of each row's content.
+def row_hash(row: dict[str, Any]) -> str:
+    """A stable hash of every column of a row (whatever its format: text, prompt/completion, messages,
+    conversations, token ids, tools, chat-template arguments)."""
+    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
-    A repeated row gets its content hash plus the number of earlier repeats, so ids stay unique and do not depend
-    on the row order of other rows."""
+
+def with_ids(dataset: Dataset | IterableDataset, id_column: str = "id") -> Dataset | IterableDataset:
+    """``dataset`` with an ``id_column``: kept when present (it must be unique), else a hash of each row's columns.
+
+    A repeated row gets its hash plus the number of earlier repeats, so ids stay unique and do not depend on the
+    row order of other rows. Streamed rows get the hash alone, as they stream (they key routing groups only: a
+    streaming dataset gets no prior inputs)."""
+    if isinstance(dataset, IterableDataset):
+        if id_column in get_dataset_column_names(dataset):
+            return dataset
+        return dataset.map(lambda row: {id_column: row_hash(row)})
     if id_column in dataset.column_names:
         ids = dataset[id_column]
         repeated = [i for i, n in Counter(ids).items() if n > 1]
@@ -81,11 +104,11 @@ def with_ids(dataset: Dataset, id_column: str = "id") -> Dataset:
                 "it: make the ids unique, or drop the column to let TKI hash each row's content."
             )
         return dataset
-    content = [c for c in CONTENT_COLUMNS if c in dataset.column_names]
     seen: Counter[str] = Counter()
     ids = []
-    for row in dataset.select_columns(content):
-        digest = hashlib.sha256(json.dumps([row[c] for c in content], sort_keys=True).encode()).hexdigest()[:16]
+    raw_rows = (row for table in dataset.with_format("arrow").iter(batch_size=1000) for row in table.to_pylist())
+    for row in raw_rows:  # stored values, not decoded ones (an image decodes to an object without a stable text)
+        digest = row_hash(row)
         ids.append(digest if not seen[digest] else f"{digest}-{seen[digest]}")
         seen[digest] += 1
     return dataset.add_column(id_column, ids)

@@ -3,6 +3,7 @@
 from .callback import GenerationEvaluationCallback
 from .generation import answer_budgets, generate_answers
 from .heuristics import HEURISTICS, heuristic_predictions, score_heuristics, side_by_side
+from .likelihood import completion_nll
 from .scoring import METRIC_NAMES, score, score_by, score_examples
 
 
@@ -11,6 +12,7 @@ __all__ = [
     "HEURISTICS",
     "METRIC_NAMES",
     "answer_budgets",
+    "completion_nll",
     "generate_answers",
     "heuristic_predictions",
     "score",

@@ -2,7 +2,11 @@
 
 With ``n_i`` completion tokens of example ``i``, ``N`` those of the effective batch (SFTTrainer's divisor) and
 ``l_x,i`` / ``l_q,i`` the example's summed token loss with its real prompt and with its prior input:
-``L_sft = sum_i l_x,i / N`` (SFTTrainer's loss) and ``L_reinst = sum_i max(l_q,i, l_x,i) / N``. The token loss
+``L_sft = sum_i l_x,i / N`` (SFTTrainer's loss) and, as the paper's eq. 6 is written (``-max`` of the target's
+log-likelihoods), ``L_reinst = sum_i min(l_q,i, l_x,i) / N``: each example trains through whichever input already
+produces its target more easily, after stage 1 mostly the prior input (``"easier"``). ``"harder"`` is the reading
+that drops eq. 6's minus sign, ``max(l_q,i, l_x,i)``. Ties go to the real prompt, so ``q = e`` gives
+``L_reinst = L_sft`` under either reading. The token loss
 is SFTTrainer's for its ``loss_type``: the negative log-probability (``"nll"``) or DFT's probability-weighted one
 (``"dft"``). TRL's fused LM head gives per-token log-probabilities (zero at ignored positions), never full
 logits, and the per-example sums are their row sums.
@@ -11,11 +15,15 @@ logits, and the per-example sums are their row sums.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+REINSTATEMENT_TARGETS = ("easier", "harder")
+"""``"easier"``: eq. 6 as written, ``min`` of the two losses; ``"harder"``: its minus sign dropped, ``max``."""
 
 
 def summed_token_loss(outputs: Any, loss_type: str = "nll") -> torch.Tensor:
@@ -36,10 +44,15 @@ class Objectives:
     loss_q: torch.Tensor
     """[batch] the same with the prior input."""
     divisor: torch.Tensor
+    target: Literal["easier", "harder"] = "easier"
+    """Which input's loss each example's reinstatement term takes (`REINSTATEMENT_TARGETS`)."""
 
     @property
-    def q_wins(self) -> torch.Tensor:
-        """Examples whose prior input is the harder one: there the reinstatement term follows ``q``."""
+    def through_prior(self) -> torch.Tensor:
+        """[batch] bool: examples whose reinstatement term goes through the prior input ``q`` (the easier input under
+        ``"easier"``, the harder one under ``"harder"``; the real prompt on ties)."""
+        if self.target == "easier":
+            return self.loss_q < self.loss_x
         return self.loss_q > self.loss_x
 
     @property
@@ -48,12 +61,12 @@ class Objectives:
 
     @property
     def reinstatement(self) -> torch.Tensor:
-        return torch.maximum(self.loss_q, self.loss_x).sum() / self.divisor
+        return torch.where(self.through_prior, self.loss_q, self.loss_x).sum() / self.divisor
 
     @property
-    def reinstatement_through_q(self) -> torch.Tensor:
-        """The part of ``L_reinst`` that flows through the prior-input graph (examples where ``q`` wins)."""
-        return torch.where(self.q_wins, self.loss_q, torch.zeros_like(self.loss_q)).sum() / self.divisor
+    def reinstatement_through_prior(self) -> torch.Tensor:
+        """The part of ``L_reinst`` that flows through the prior-input graph."""
+        return torch.where(self.through_prior, self.loss_q, torch.zeros_like(self.loss_q)).sum() / self.divisor
 
 
 def reinstatement_objectives(
@@ -64,6 +77,7 @@ def reinstatement_objectives(
     embedding: nn.Module,
     divisor: torch.Tensor,
     loss_type: str = "nll",
+    target: Literal["easier", "harder"] = "easier",
 ) -> Objectives:
     """Both objectives of a micro-batch, given the real-prompt forward's fused outputs: one more forward, through
     the prior inputs ``q = e + prior_deltas`` (``[batch, prompt_tokens, hidden]``, zero past each prompt; TRL's
@@ -74,5 +88,5 @@ def reinstatement_objectives(
     prior["inputs_embeds"] = embeddings + F.pad(prior_deltas.to(embeddings.dtype), padding)
     prior_outputs = model(**prior, fused_lm_head=True)
     return Objectives(
-        summed_token_loss(prompt_outputs, loss_type), summed_token_loss(prior_outputs, loss_type), divisor
+        summed_token_loss(prompt_outputs, loss_type), summed_token_loss(prior_outputs, loss_type), divisor, target
     )

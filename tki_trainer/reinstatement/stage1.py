@@ -1,7 +1,9 @@
 """Knowledge reinstatement, stage 1: optimise each prompt's input embeddings towards its target.
 
 For example ``i`` with prompt embeddings ``e_i`` and completion ``y_i``, the model frozen, find
-``q_i = argmin CE(f(q_i), y_i) + lam * W(q_i, e_i)`` starting from ``q_i = e_i``. ``W`` is the Wasserstein
+``q_i = argmin CE(f(q_i), y_i) + lam * W(q_i, e_i)`` starting from ``q_i = e_i``. The paper's eq. 5,
+``-sum CE(f(q_i), y_i) - W(q_i, e_i)`` with ``CE`` the target's log-likelihood, is ``lam = -1`` (the default): an
+input under which the frozen model produces ``y_i`` best, pushed away from the prompt. ``W`` is the Wasserstein
 distance between the two sets of token embeddings (uniform weights, squared Euclidean ground cost, whose
 gradient is finite at ``q = e``), computed with POT. The ``q_i`` are independent, so all steps of one batch of
 examples run before the next batch starts (the paper's "3 epochs" are 3 steps per example).
@@ -9,6 +11,7 @@ examples run before the next batch starts (the paper's "3 epochs" are 3 steps pe
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from collections.abc import Iterator
@@ -29,7 +32,7 @@ from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..data.formats import check_prompt_completion_rows
-from ..data.tokenization import tokenize_row, truncate_row
+from ..data.tokenization import TEMPLATE_COLUMNS, template_arguments, tokenize_row, truncate_row
 from ..logits import logits_at
 from .fingerprint import prompt_hash
 from .store import PriorInputStore
@@ -47,12 +50,18 @@ EMPTY_PROMPT_FIX = (
 class PriorInputConfig:
     """Settings of stage 1. The defaults cut the mean completion cross-entropy of the embedded model on P3 rows
     by about 38% (|q-e|/|e| about 1%; bench/results/prepare_speed.md); `PriorInputConfig.paper()` is the paper's
-    setting, which barely moves ``q`` (CE lower by well under 1%), so reinstatement then does nothing."""
+    setting, which barely moves ``q`` (CE lower by well under 1%), so reinstatement then does nothing. ``W`` is
+    second order in ``q - e`` (zero gradient at ``q = e``), so at ``|lam|`` of order 1 its sign barely matters: the
+    stage reports the ratio of the W gradient's norm to the CE gradient's."""
 
     steps: int = field(default=5, metadata={"help": "Stage-1 Adam steps per example."})
     learning_rate: float = field(default=3e-4, metadata={"help": "Stage-1 Adam learning rate."})
     wasserstein_weight: float = field(
-        default=1.0, metadata={"help": "lam: weight of W(q, e) in stage 1 (> 0 keeps q near the prompt)."}
+        default=-1.0,
+        metadata={
+            "help": "lam: weight of W(q, e) in stage 1. -1, the paper's eq. 5 as written, pushes q away from the "
+            "prompt; > 0 keeps q near it; 0 leaves W out."
+        },
     )
     wasserstein: Literal["emd", "sinkhorn"] = field(
         default="emd", metadata={"help": "How W(q, e) is computed: 'emd' (exact) or 'sinkhorn'."}
@@ -67,6 +76,16 @@ class PriorInputConfig:
             raise ValueError("PriorInputConfig.steps and batch_size must be at least 1.")
         if self.wasserstein not in ("emd", "sinkhorn"):
             raise ValueError(f"wasserstein must be 'emd' (exact) or 'sinkhorn', got {self.wasserstein!r}.")
+        if self.learning_rate < 0:
+            raise ValueError(
+                f"learning_rate={self.learning_rate}: stage 1 descends its objective, so the rate must be >= 0 (0 keeps "
+                "q = e)."
+            )
+        if self.wasserstein == "sinkhorn" and self.wasserstein_weight and self.sinkhorn_reg <= 0:
+            raise ValueError(
+                f"sinkhorn_reg={self.sinkhorn_reg}: Sinkhorn's entropic regularisation must be > 0 (at 0 it divides by "
+                "zero); use a positive sinkhorn_reg, or wasserstein='emd' for the exact distance."
+            )
         if self.wasserstein_weight < -1.0:
             raise ValueError(
                 f"wasserstein_weight={self.wasserstein_weight}: a negative weight pushes q away from e and is bounded "
@@ -96,6 +115,8 @@ class PriorInputs:
     """[batch] the same with the optimised embeddings."""
     relative_change: torch.Tensor
     """[batch] |q - e| / |e| over the prompt tokens."""
+    wasserstein_gradient_ratio: torch.Tensor
+    """[batch] |lam grad W| / |grad CE| at the last step, where ``q`` is furthest from ``e`` (0 without ``W``)."""
 
 
 def completion_cross_entropy(
@@ -157,18 +178,21 @@ def optimize_prior_inputs(
         inputs = torch.where(prompt_mask, F.pad(q, (0, 0, 0, input_ids.shape[1] - width)), embedded)
         return completion_cross_entropy(model, inputs, attention_mask, labels)
 
+    ratio = torch.zeros(len(input_ids), device=input_ids.device)
     for step in range(config.steps):
         ce = objective()
         if step == 0:
             ce_initial = ce.detach()
-        loss = ce.sum()
+        (q.grad,) = torch.autograd.grad(ce.sum(), [q])
         if config.wasserstein_weight:
             distances = [
                 wasserstein(q[i, :n], original[i, :n], config.wasserstein, config.sinkhorn_reg)
                 for i, n in enumerate(prompt_lengths.tolist())
             ]
-            loss = loss + config.wasserstein_weight * torch.stack(distances).sum().to(loss.dtype)
-        (q.grad,) = torch.autograd.grad(loss, [q])
+            (w_grad,) = torch.autograd.grad(torch.stack(distances).sum(), [q])
+            w_grad = config.wasserstein_weight * w_grad.to(q.dtype)
+            ratio = w_grad.flatten(1).norm(dim=1) / q.grad.flatten(1).norm(dim=1).clamp(min=1e-30)
+            q.grad = q.grad + w_grad
         optimizer.step()
     with torch.no_grad():
         ce_final = objective()
@@ -177,7 +201,7 @@ def optimize_prior_inputs(
     mask = prompt_mask[:, :width]
     delta = ((q - original) * mask).flatten(1).norm(dim=1)
     relative = delta / (original * mask).flatten(1).norm(dim=1).clamp(min=1e-12)
-    return PriorInputs(q, original, ce_initial, ce_final, relative)
+    return PriorInputs(q, original, ce_initial, ce_final, relative, ratio.detach())
 
 
 DEFAULT_MAX_LENGTH: int = SFTConfig.__dataclass_fields__["max_length"].default
@@ -215,12 +239,21 @@ def compute_prior_inputs(
     """
     config = config or PriorInputConfig()
     check_prompt_completion_rows(dataset)
+    not_text = [example_id for example_id in dataset["id"] if not isinstance(example_id, str)]
+    if not_text:
+        raise ValueError(
+            f"The 'id' column holds {type(not_text[0]).__name__} values (e.g. {not_text[0]!r}), but prior inputs are "
+            "keyed by text ids: give every row a unique string id, e.g. dataset.map(lambda row, i: {'id': str(i)}, "
+            "with_indices=True)."
+        )
     pad_token_id = trl_pad_token_id(tokenizer)
     state = PartialState()
     # Every process tokenizes every row, so that all of them refuse an empty prompt before any work.
     tokenized, skipped, empty = [], 0, []
-    for index, row in enumerate(dataset.select_columns(["id", "prompt", "completion"])):
-        tokens = truncate_row(tokenize_row(tokenizer, row["prompt"], row["completion"], chat_template), max_length)
+    template_columns = [c for c in TEMPLATE_COLUMNS if c in dataset.column_names]
+    for index, row in enumerate(dataset.select_columns(["id", "prompt", "completion", *template_columns])):
+        tokens = tokenize_row(tokenizer, row["prompt"], row["completion"], chat_template, **template_arguments(row))
+        tokens = truncate_row(tokens, max_length)
         if tokens is None:
             skipped += 1
         elif tokens.prompt_length == 0:
@@ -229,6 +262,13 @@ def compute_prior_inputs(
             tokenized.append((row["id"], tokens))
     if empty:
         raise ValueError(f"Rows {empty[:5]} ({len(empty)} in all) have no prompt token: {EMPTY_PROMPT_FIX}")
+    if not len(dataset):
+        raise ValueError("The dataset has no rows: there is nothing to compute prior inputs for.")
+    if skipped == len(dataset):
+        raise ValueError(
+            f"No row keeps a completion token within max_length={max_length} (TRL would drop them all): raise "
+            "max_length, or cut the prompts from the left first with tki_trainer.data.fit_prompts."
+        )
     store = PriorInputStore.open_or_create(
         output_dir, model, tokenizer, {**config.to_dict(), "max_length": max_length, "chat_template": chat_template}
     )
@@ -243,7 +283,6 @@ def compute_prior_inputs(
 
     device = next(model.parameters()).device
     collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-    shard_number = sum(1 for _ in store.path.glob(f"shard-{state.process_index:03d}-*.safetensors"))
     was_training = model.training
     model.eval()
     progress = tqdm(total=len(pending), desc="KR stage 1: prior inputs", disable=not state.is_local_main_process)
@@ -264,6 +303,14 @@ def compute_prior_inputs(
             result = optimize_prior_inputs(
                 model, collated["input_ids"], collated["attention_mask"], collated["labels"], lengths, config
             )
+            finite = torch.isfinite(result.embeddings).flatten(1).all(dim=1) & torch.isfinite(result.ce_final)
+            if not bool(finite.all()):
+                rows = [example_id for (example_id, _), ok in zip(batch, finite.tolist()) if not ok]
+                raise ValueError(
+                    f"Stage 1 gave non-finite prior inputs for rows {rows[:5]} ({config}); nothing was written for "
+                    "them: lower prior_inputs_learning_rate, or use wasserstein='emd' (a small sinkhorn_reg "
+                    "overflows)."
+                )
             tensors, entries = {}, {}
             for i, (example_id, row) in enumerate(batch):
                 delta = result.embeddings[i, : row.prompt_length] - result.initial[i, : row.prompt_length]
@@ -273,9 +320,9 @@ def compute_prior_inputs(
                     "ce_initial": float(result.ce_initial[i]),
                     "ce_final": float(result.ce_final[i]),
                     "relative_change": float(result.relative_change[i]),
+                    "wasserstein_gradient_ratio": float(result.wasserstein_gradient_ratio[i]),
                 }
-            store.write_shard(f"{state.process_index:03d}-{shard_number:05d}", tensors, entries)
-            shard_number += 1
+            store.write_shard(f"{state.process_index:03d}-{shard_name(tensors)}", tensors, entries)
             progress.update(len(batch))
             summary = store.summary()
             progress.set_postfix(
@@ -288,6 +335,12 @@ def compute_prior_inputs(
     store = PriorInputStore(output_dir)
     logger.info("KR stage 1 done: %s", store.summary())
     return store
+
+
+def shard_name(tensors: dict[str, torch.Tensor]) -> str:
+    """A shard's name from the ids it holds, never from what is on disk: a resumed stage that recomputes a deleted
+    shard cannot overwrite another."""
+    return hashlib.sha256("\0".join(sorted(tensors)).encode()).hexdigest()[:16]
 
 
 @contextmanager

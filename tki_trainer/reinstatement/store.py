@@ -63,6 +63,8 @@ class StoredExample:
     ce_initial: float
     ce_final: float
     relative_change: float
+    wasserstein_gradient_ratio: float | None = None
+    """Absent from stores written before stage 1 reported it."""
 
 
 class PriorInputStore:
@@ -76,12 +78,25 @@ class PriorInputStore:
             raise ValueError(
                 f"{self.path} is not a prior-input store (no {INDEX}): write one with tki_trainer.compute_prior_inputs."
             )
-        self.index = json.loads(index.read_text())
+        try:
+            self.index = json.loads(index.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(
+                f"{index} is not valid JSON ({error}): delete {self.path} and recompute the store with "
+                "tki_trainer.compute_prior_inputs."
+            ) from None
         self.examples: dict[str, StoredExample] = {}
         for shard in sorted(self.path.glob("shard-*.safetensors")):
-            with safe_open(shard, framework="pt") as handle:
-                for example_id, entry in json.loads(handle.metadata()["examples"]).items():
-                    self.examples[example_id] = StoredExample(shard, **entry)
+            try:
+                with safe_open(shard, framework="pt") as handle:
+                    entries = json.loads(handle.metadata()["examples"])
+            except Exception as error:  # safetensors raises its own error types for truncated or foreign files
+                raise ValueError(
+                    f"{shard} is not a readable shard ({type(error).__name__}: {error}): delete it and rerun "
+                    "compute_prior_inputs into the same directory, which recomputes its examples."
+                ) from None
+            for example_id, entry in entries.items():
+                self.examples[example_id] = StoredExample(shard, **entry)
         self._handles: dict[Path, object] = {}
 
     @classmethod
@@ -128,20 +143,29 @@ class PriorInputStore:
         shard = self.examples[example_id].shard
         if shard not in self._handles:
             self._handles[shard] = safe_open(shard, framework="pt")
-        return self._handles[shard].get_tensor(example_id).float()
+        delta = self._handles[shard].get_tensor(example_id).float()
+        if not bool(torch.isfinite(delta).all()):
+            raise ValueError(
+                f"The prior input of example {example_id!r} in {shard} holds NaN or inf: delete that shard and rerun "
+                "compute_prior_inputs into the same directory, which recomputes its examples."
+            )
+        return delta
 
     def summary(self) -> dict[str, float]:
-        """Means over the stored examples of CE with ``e``, CE with ``q``, and |q-e|/|e|."""
+        """Means over the stored examples of CE with ``e``, CE with ``q``, |q-e|/|e|, and the ratio of the W
+        gradient's norm to the CE gradient's at stage 1's last step (whether W did anything)."""
         values = list(self.examples.values())
         count = max(len(values), 1)
         ce_initial = sum(v.ce_initial for v in values) / count
         ce_final = sum(v.ce_final for v in values) / count
+        ratios = [v.wasserstein_gradient_ratio for v in values if v.wasserstein_gradient_ratio is not None]
         return {
             "examples": len(values),
             "ce_initial": ce_initial,
             "ce_final": ce_final,
             "ce_reduction": 1 - ce_final / ce_initial if ce_initial else 0.0,
             "relative_change": sum(v.relative_change for v in values) / count,
+            "wasserstein_gradient_ratio": sum(ratios) / len(ratios) if ratios else None,
         }
 
     def check(

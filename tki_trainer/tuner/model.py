@@ -91,6 +91,25 @@ class TKIModel(BaseTuner):
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
 
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args: Any, **kwargs: Any) -> None:
+        """PEFT's injection, then a check PEFT cannot make: a bank whose ``latent_target_modules`` match no layer
+        (a typo) would leave LTA silently without latent tasks."""
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        banks = [m for m in model.modules() if isinstance(m, TKILayer) and adapter_name in m.tki_latent_A]
+        if config.latent_target_modules and not banks:
+            linear = sorted(
+                {
+                    name.rsplit(".", 1)[-1]
+                    for name, m in model.named_modules()
+                    if isinstance(m, (nn.Linear, TKILayer)) and "tki_" not in name and not name.endswith("base_layer")
+                }
+            )
+            raise ValueError(
+                f"latent_target_modules={config.latent_target_modules!r} matches no layer of the model, so the latent "
+                f"bank would be empty: name some of its linear layers ({', '.join(linear[:12])})."
+            )
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         del self.tki_keys[adapter_name]

@@ -109,6 +109,13 @@ class Router:
         """Top-k latent tasks and blend weights of one adapter's bank, after checking the inputs against it."""
         config = self._configs[adapter_name]
         keys = self._keys[adapter_name]
+        finite = torch.isfinite(query_embeddings).all(dim=1)
+        if not bool(finite.all()):
+            rows = (~finite).nonzero().flatten().tolist()
+            raise ValueError(
+                f"query_embeddings rows {rows[:5]} hold NaN or inf, which would route those examples nowhere and "
+                "turn the adapter's weights NaN: re-encode their prompts (tki_trainer.add_query_embeddings)."
+            )
         if query_embeddings.shape[1] != config.key_dim:
             raise ValueError(
                 f"query_embeddings have dimension {query_embeddings.shape[1]} but adapter {adapter_name!r} has "

@@ -1,0 +1,81 @@
+"""The likelihood of each reference answer: a cheap, low-variance measure beside greedy-answer scores.
+
+Greedy answers change only where the argmax flips, so two similar models answer most prompts alike and a ROUGE-L
+difference needs hundreds of prompts to resolve; the mean token negative log-likelihood of the reference moves
+with every change to the model and costs one forward per row, no generation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+from datasets import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedTokenizerBase
+from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+from ..data.tokenization import tokenize_row, truncate_row
+from ..reinstatement.stage1 import trl_pad_token_id
+from ..tuner.model import TKIModel, route
+
+
+@torch.no_grad()
+def completion_nll(
+    model: torch.nn.Module,
+    tokenizer: PreTrainedTokenizerBase,
+    dataset: Dataset,
+    *,
+    max_length: int | None = None,
+    query_column: str = "query_embedding",
+    batch_size: int = 8,
+) -> list[float]:
+    """Mean token negative log-likelihood of each row's ``completion`` given its ``prompt``, in dataset order.
+
+    Rows are tokenized as `SFTTrainer` tokenizes them (chat template, ``max_length`` truncation that keeps the
+    start); a model holding the TKI tuner is routed by each row's ``query_column`` with no group ids, as for unseen
+    inputs. A row left with no completion token within ``max_length`` is refused, since it has nothing to score.
+    """
+    routed = any(isinstance(module, TKIModel) for module in model.modules())
+    if routed and query_column not in dataset.column_names:
+        raise ValueError(
+            f"The model routes by query but the dataset has no '{query_column}' column: add_query_embeddings first."
+        )
+    rows = []
+    for index, (prompt, completion) in enumerate(zip(dataset["prompt"], dataset["completion"])):
+        row = truncate_row(tokenize_row(tokenizer, prompt, completion), max_length)
+        if row is None:
+            raise ValueError(f"Row {index} has no completion token within max_length={max_length}: raise max_length.")
+        rows.append(row)
+    collator = DataCollatorForLanguageModeling(pad_token_id=trl_pad_token_id(tokenizer))
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    losses = [0.0] * len(rows)
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc="Scoring reference answers"):
+            batch = order[start : start + batch_size]
+            examples = [
+                {
+                    "input_ids": rows[i].input_ids,
+                    "labels": [-100] * rows[i].prompt_length + rows[i].input_ids[rows[i].prompt_length :],
+                }
+                for i in batch
+            ]
+            inputs = {key: value.to(device) for key, value in collator(examples).items()}
+            labels = inputs.pop("labels")
+            queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
+            with route(model, queries) if routed else contextlib.nullcontext():
+                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
+            targets = labels[:, 1:]
+            token_nll = torch.nn.functional.cross_entropy(
+                logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
+            )
+            labelled = targets != -100
+            per_row = (token_nll * labelled).sum(dim=1) / labelled.sum(dim=1)
+            for i, value in zip(batch, per_row.tolist()):
+                losses[i] = value
+    finally:
+        model.train(was_training)
+    return losses
