@@ -11,7 +11,7 @@ from peft import LoraConfig, PeftModel
 from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
 from tki_trainer import TKIConfig, TKITrainer
 from tki_trainer.data.formats import with_ids
 from tki_trainer.data.queries import row_query_text
@@ -103,9 +103,11 @@ def test_lta_without_a_peft_config_on_a_plain_model_is_refused_naming_the_fix(tm
 
 def test_training_arguments_are_taken_as_sft_trainer_takes_them(tmp_path):
     plain = TrainingArguments(output_dir=str(tmp_path / "plain"), report_to="none", use_cpu=True, max_steps=1)
-    trainer = TKITrainer(tiny_llama(), args=plain, train_dataset=PROMPT_COMPLETION, processing_class=tiny_tokenizer(),
-                         peft_config=lora())  # fmt: skip
-    assert isinstance(trainer.args, TKIConfig) and trainer.args.max_steps == 1 and trainer.args.lta
+    rows = PROMPT_COMPLETION.add_column("query_embedding", torch.eye(2, KEY_DIM).tolist())  # no encoder offline
+    trainer = TKITrainer(tiny_llama(), args=plain, train_dataset=rows, processing_class=tiny_tokenizer(),
+                         peft_config=tki_config())  # fmt: skip
+    assert isinstance(trainer.args, TKIConfig) and trainer.args.max_steps == 1
+    assert (trainer.args.lta, trainer.args.kr, trainer.args.pcgrad) == (True, True, True)
 
 
 @pytest.mark.parametrize(

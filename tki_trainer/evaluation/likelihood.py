@@ -10,12 +10,14 @@ from __future__ import annotations
 import contextlib
 
 import torch
+import torch.nn.functional as F
 from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..data.tokenization import tokenize_row, truncate_row
+from ..logits import logits_at
 from ..reinstatement.stage1 import trl_pad_token_id
 from ..tuner.model import TKIModel, route
 
@@ -66,14 +68,14 @@ def completion_nll(
             inputs = {key: value.to(device) for key, value in collator(examples).items()}
             labels = inputs.pop("labels")
             queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
-            with route(model, queries) if routed else contextlib.nullcontext():
-                logits = model(input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"]).logits
             targets = labels[:, 1:]
-            token_nll = torch.nn.functional.cross_entropy(
-                logits[:, :-1].float().transpose(1, 2), targets.clamp(min=0), reduction="none"
-            )
             labelled = targets != -100
-            per_row = (token_nll * labelled).sum(dim=1) / labelled.sum(dim=1)
+            with route(model, queries) if routed else contextlib.nullcontext():
+                logits = logits_at(model, F.pad(labelled, (0, 1)), **inputs)
+            token_nll = F.cross_entropy(logits.float(), targets[labelled], reduction="none")
+            rows_of_tokens = labelled.nonzero()[:, 0]
+            summed = torch.zeros(len(batch), device=device).index_add_(0, rows_of_tokens, token_nll)
+            per_row = summed / labelled.sum(dim=1)
             for i, value in zip(batch, per_row.tolist()):
                 losses[i] = value
     finally:

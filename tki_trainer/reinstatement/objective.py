@@ -6,10 +6,9 @@ With ``n_i`` completion tokens of example ``i``, ``N`` those of the effective ba
 log-likelihoods), ``L_reinst = sum_i min(l_q,i, l_x,i) / N``: each example trains through whichever input already
 produces its target more easily, after stage 1 mostly the prior input (``"easier"``). ``"harder"`` is the reading
 that drops eq. 6's minus sign, ``max(l_q,i, l_x,i)``. Ties go to the real prompt, so ``q = e`` gives
-``L_reinst = L_sft`` under either reading. The token loss
-is SFTTrainer's for its ``loss_type``: the negative log-probability (``"nll"``) or DFT's probability-weighted one
-(``"dft"``). TRL's fused LM head gives per-token log-probabilities (zero at ignored positions), never full
-logits, and the per-example sums are their row sums.
+``L_reinst = L_sft`` under either reading. The token loss is SFTTrainer's for its ``loss_type``: the negative
+log-probability (``"nll"``) or DFT's probability-weighted one (``"dft"``). TRL's fused LM head gives per-token
+log-probabilities (zero at ignored positions), never full logits, and the per-example sums are their row sums.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ class Objectives:
     """[batch] the same with the prior input."""
     divisor: torch.Tensor
     target: Literal["easier", "harder"] = "easier"
-    """Which input's loss each example's reinstatement term takes (`REINSTATEMENT_TARGETS`)."""
+    """Which of its two losses each example's reinstatement term takes (`REINSTATEMENT_TARGETS`)."""
 
     @property
     def through_prior(self) -> torch.Tensor:

@@ -9,7 +9,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_PREFIX_MAPPIN
 
 from .config import PEFT_TYPE, LatentLoraConfig
 from .export import export_lora
-from .layer import Linear, TKILayer
+from .layer import Linear, TKILayer, lowrank_per_example
 from .model import TKIModel, bypass_bank, route
 
 
@@ -17,4 +17,14 @@ PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = LatentLoraConfig
 PEFT_TYPE_TO_TUNER_MAPPING[PEFT_TYPE] = TKIModel
 PEFT_TYPE_TO_PREFIX_MAPPING[PEFT_TYPE] = TKIModel.prefix
 
-__all__ = ["PEFT_TYPE", "LatentLoraConfig", "Linear", "TKILayer", "TKIModel", "bypass_bank", "export_lora", "route"]
+__all__ = [
+    "PEFT_TYPE",
+    "LatentLoraConfig",
+    "Linear",
+    "TKILayer",
+    "TKIModel",
+    "bypass_bank",
+    "export_lora",
+    "lowrank_per_example",
+    "route",
+]

@@ -14,6 +14,23 @@ from torch import nn
 from .routing import Router
 
 
+def lowrank_per_example(
+    x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, rank_scale: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Each row's own low-rank update, ``x_i D_i diag(s_i) U_i``, for the whole batch in two batched products.
+
+    ``x`` is ``[rows, ..., in]``, ``down`` ``[rows, in, R]`` (``A_i`` transposed), ``up`` ``[rows, R, out]`` (``B_i``
+    transposed), ``rank_scale`` ``[rows, R]`` an optional weight per rank; returns ``[rows, tokens, out]``, unscaled.
+    This is the one primitive behind every per-example adapter (the TKI bank's blended increments, generated
+    adapters): a batch may mix tasks without a Python loop over its examples.
+    """
+    tokens = x.reshape(down.shape[0], -1, down.shape[1])
+    hidden = torch.bmm(tokens, down.to(tokens.dtype))
+    if rank_scale is not None:
+        hidden = hidden * rank_scale.unsqueeze(1).to(hidden.dtype)
+    return torch.bmm(hidden, up.to(tokens.dtype))
+
+
 class TKILayer(BaseTunerLayer):
     """Adapter state of one targeted linear layer, keyed by adapter name as in PEFT's LoRA layer.
 
@@ -99,10 +116,9 @@ class TKILayer(BaseTunerLayer):
         bank's gradient holds the retrieved rows only.
         """
         rows = indices.shape[0]
-        tokens = x.reshape(rows, -1, self.in_features)
         if not torch.is_grad_enabled():
             down, up = self._inference_factors(adapter_name, indices, weights)
-            return torch.bmm(torch.bmm(tokens, down.to(tokens.dtype)), up.to(tokens.dtype))
+            return lowrank_per_example(x, down, up)
         rank = self.latent_r[adapter_name]
         flat = indices.flatten()
         banks = (self.tki_latent_A[adapter_name], self.tki_latent_B[adapter_name])
@@ -112,10 +128,7 @@ class TKILayer(BaseTunerLayer):
                 self.gather_observer(bank, flat, gathered)
         a = a.view(rows, -1, self.in_features)
         b = b.view(rows, -1, self.out_features)
-        hidden = torch.bmm(tokens, a.transpose(1, 2)) * weights.repeat_interleave(rank, dim=1).unsqueeze(1).to(
-            tokens.dtype
-        )
-        return torch.bmm(hidden, b)
+        return lowrank_per_example(x, a.transpose(1, 2), b, weights.repeat_interleave(rank, dim=1))
 
     def _inference_factors(
         self, adapter_name: str, indices: torch.Tensor, weights: torch.Tensor
