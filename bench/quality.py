@@ -94,8 +94,8 @@ SNI_TEST_PROMPTS = 96
 SNI_LARGE_PROMPTS = 288
 """Up to 24 per category of the 12 SNI test categories."""
 P3_PROMPTS = 60
-P3_NLL_ROWS = 960
-"""P3 held-out rows scored by likelihood: every row (about 6,200) would take about 25 minutes per model here."""
+P3_NLL_ROWS = 480
+"""P3 held-out rows scored by likelihood: every row (about 6,200) would take over an hour per model on 2 CPU cores."""
 BIGBENCH_TASKS = (
     "tense",
     "object_counting",

@@ -164,7 +164,7 @@ class TKITrainer(SFTTrainer):
         split as training rows are), and the routing columns."""
         if dataset is None or not (args.lta or args.kr):
             return dataset
-        dataset = preparation.with_ids(dataset, args.id_column)
+        dataset = preparation.with_ids(dataset, args.id_column, (args.query_embedding_column, args.group_id_column))
         conversation = {"messages", "conversations"} & set(get_dataset_column_names(dataset))
         if args.kr and (name == "train" or conversation):
             dataset = preparation.as_prompt_completion(dataset, name, args.id_column)

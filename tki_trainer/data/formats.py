@@ -79,14 +79,26 @@ def check_prompt_completion_rows(dataset: Dataset) -> None:
             raise ValueError(f"Row {example_id!r} has an empty completion: drop it, there is no target to reinstate.")
 
 
-def row_hash(row: dict[str, Any]) -> str:
-    """A stable hash of every column of a row (whatever its format: text, prompt/completion, messages,
-    conversations, token ids, tools, chat-template arguments)."""
-    return hashlib.sha256(json.dumps(row, sort_keys=True, default=str).encode()).hexdigest()[:16]
+CONTENT_COLUMNS = ("prompt", "completion", "messages", "text")
+
+DERIVED_COLUMNS = ("query_embedding", "group_id")
+"""Columns TKI computes from a row, left out of its id."""
 
 
-def with_ids(dataset: Dataset | IterableDataset, id_column: str = "id") -> Dataset | IterableDataset:
-    """``dataset`` with an ``id_column``: kept when present (it must be unique), else a hash of each row's columns.
+def row_hash(row: dict[str, Any], derived: tuple[str, ...] = DERIVED_COLUMNS) -> str:
+    """A stable hash of every column of a row but the ``derived`` ones, whatever its format (text,
+    prompt/completion, messages, conversations, token ids, tools, chat-template arguments). The content columns come
+    first, as ids were always hashed, so a row holding only those keeps the id it had."""
+    content = [row[c] for c in CONTENT_COLUMNS if c in row]
+    rest = [[c, row[c]] for c in sorted(row) if c not in CONTENT_COLUMNS and c not in derived]
+    return hashlib.sha256(json.dumps(content + rest, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def with_ids(
+    dataset: Dataset | IterableDataset, id_column: str = "id", derived: tuple[str, ...] = DERIVED_COLUMNS
+) -> Dataset | IterableDataset:
+    """``dataset`` with an ``id_column``: kept when present (it must be unique), else a hash of each row's columns
+    (`row_hash`, without the ``derived`` ones).
 
     A repeated row gets its hash plus the number of earlier repeats, so ids stay unique and do not depend on the
     row order of other rows. Streamed rows get the hash alone, as they stream (they key routing groups only: a
@@ -94,7 +106,7 @@ def with_ids(dataset: Dataset | IterableDataset, id_column: str = "id") -> Datas
     if isinstance(dataset, IterableDataset):
         if id_column in get_dataset_column_names(dataset):
             return dataset
-        return dataset.map(lambda row: {id_column: row_hash(row)})
+        return dataset.map(lambda row: {id_column: row_hash(row, derived)})
     if id_column in dataset.column_names:
         ids = dataset[id_column]
         repeated = [i for i, n in Counter(ids).items() if n > 1]
@@ -108,7 +120,7 @@ def with_ids(dataset: Dataset | IterableDataset, id_column: str = "id") -> Datas
     ids = []
     raw_rows = (row for table in dataset.with_format("arrow").iter(batch_size=1000) for row in table.to_pylist())
     for row in raw_rows:  # stored values, not decoded ones (an image decodes to an object without a stable text)
-        digest = row_hash(row)
+        digest = row_hash(row, derived)
         ids.append(digest if not seen[digest] else f"{digest}-{seen[digest]}")
         seen[digest] += 1
     return dataset.add_column(id_column, ids)

@@ -56,10 +56,11 @@ def _runner(
     scored = len(sequence) - patch_at
     ids = torch.tensor([sequence], device=device)
     if not reuse_prefix or patch_at == 0:
-        return (
-            lambda rows: model(input_ids=ids.expand(rows, -1), logits_to_keep=scored, use_cache=False).logits,
-            patch_at,
-        )
+
+        def rerun(rows: int) -> torch.Tensor:
+            return model(input_ids=ids.expand(rows, -1), logits_to_keep=scored, use_cache=False).logits
+
+        return rerun, patch_at
     keyword = cache_keyword(model)
     prefix = DynamicCache(config=text_config(model))
     model(input_ids=ids[:, :patch_at], use_cache=True, logits_to_keep=1, **{keyword: prefix})

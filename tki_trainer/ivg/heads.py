@@ -81,6 +81,8 @@ class AttentionHeads:
     num_heads: int
     head_dim: int
     hidden_size: int
+    dtype: torch.dtype
+    """The dtype of the hidden states (the input embeddings'), which a quantized projection's weights do not tell."""
 
     @classmethod
     def of(cls, model: nn.Module) -> AttentionHeads:
@@ -89,7 +91,8 @@ class AttentionHeads:
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
         projections = [_attention_projection(layer, i) for i, layer in enumerate(layers)]
-        return cls(projections, num_heads, head_dim, config.hidden_size)
+        dtype = model.get_input_embeddings().weight.dtype
+        return cls(projections, num_heads, head_dim, config.hidden_size, dtype)
 
     @property
     def num_layers(self) -> int:
@@ -166,6 +169,6 @@ class AttentionHeads:
         alone (the other heads zero), its bias removed. ``activations`` [heads, head_dim] gives [heads, hidden],
         float32. Through the module itself, so a LoRA on the projection counts as the model computes it."""
         projection = self.projections[layer]
-        weight = next(projection.parameters())
-        blocks = torch.block_diag(*activations.to(weight.device, weight.dtype)).unsqueeze(0)
+        device = next(projection.parameters()).device
+        blocks = torch.block_diag(*activations.to(device, self.dtype)).unsqueeze(0)
         return (projection(blocks) - projection(torch.zeros_like(blocks))).squeeze(0).float()
