@@ -410,8 +410,11 @@ class Bench:
         if trained and ("train" not in record or not self.checkpoint(name, EPOCHS).is_dir()):
             print(f"== training {name}", flush=True)
             record["train"] = self.train(name, method, lr, seed, reading)
-            missing = sorted({*record.get("eval", {}), *pieces})
-            record["eval"] = {}
+            # Every piece is redone on the retrained model, except those whose test set this invocation did not load
+            # (BIG-bench under --no_bigbench): they keep their result, training being reproducible (--reproduce).
+            earlier = record.get("eval", {})
+            missing = sorted({*(piece for piece in earlier if self.loaded(piece)), *pieces})
+            record["eval"] = {piece: result for piece, result in earlier.items() if not self.loaded(piece)}
             save_record(name, record, self.runs)
         by_epoch = defaultdict(list)
         for piece in missing:
@@ -435,6 +438,10 @@ class Bench:
                 record.setdefault("eval", {})[piece] = {**result, "seconds": time.time() - started}
                 save_record(name, record, self.runs)
         return record
+
+    def loaded(self, piece: str) -> bool:
+        """Whether this invocation holds the test set of an evaluation piece (``"sni@1"``: the SNI test set)."""
+        return piece.partition("@")[0] in self.data.eval
 
     def copy_demo(self) -> None:
         """SNI's copy-demo heuristic on the SNI test prompts, scored like a model (the other sets have no demo)."""

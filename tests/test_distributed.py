@@ -58,7 +58,10 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad, accum
     assert one.keys() == two.keys()
     for prefix in ("tki_lora_B", "tki_latent_A"):
         assert [k for k in one if prefix in k and one[k].abs().sum() > 0], f"{prefix} did not train"
-    scale = 1 if flashbacks == "no-flashbacks" else 10  # those runs step at a 10x larger lr: 10x the rounding
+    # Those runs take 3 steps at a 10x larger lr, and Adam divides each gradient element by its own running norm,
+    # so an element whose gradient is near zero turns float rounding into a visible step: 2.5e-5 on one element of
+    # 384 on an AMD EPYC here, with the code of the commit before this tolerance as well.
+    scale = 1 if flashbacks == "no-flashbacks" else 30
     for key in one:
         torch.testing.assert_close(two[key], one[key], atol=1e-6 * scale, rtol=1e-5 * scale)
     if flashbacks == "continued-flashbacks":

@@ -313,7 +313,7 @@ def test_the_model_card_says_what_the_adapter_was_kept_close_to(tmp_path):
     )
     card = card_of(from_config, tmp_path, "config")
     assert (
-        f"{len(FLASHBACKS)} flashback prompts of `{path}`, 1 per micro-batch, routed through the latent bank" in card
+        f"{len(FLASHBACKS)} flashback prompts of `{path.name}`, 1 per micro-batch, routed through the latent bank" in card
     )
     assert (
         "symmetric KL divergence (weight 1) to the model as it was before this training, over the prompt's positions."
@@ -327,7 +327,7 @@ def test_the_model_card_says_what_the_adapter_was_kept_close_to(tmp_path):
     )
     continued = flashback_trainer(tmp_path, "continued", flashbacks=str(path), flashback_continuation_tokens=2)
     card = card_of(continued, tmp_path, "continued")
-    assert f"flashback prompts of `{path}`, 2 per micro-batch" in card
+    assert f"flashback prompts of `{path.name}`, 2 per micro-batch" in card
     assert "over the prompt's positions and a 2-token continuation the reference generated." in card
     plain = TKITrainer(
         tiny_llama(),

@@ -209,6 +209,8 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 f"{engine} reduces and shards gradients itself, and the latent bank's gradients are row-sparse: "
                 "train LTA with DDP (accelerate launch --config_file recipes/accelerate/ddp.yaml), or set lta=False."
             )
+        if self.max_length is not None and self.max_length < 1:
+            raise ValueError(f"max_length={self.max_length} leaves no room for a token: use a positive max_length.")
         self._check_flashbacks()
         if self.flashback_dataset is not None:
             self.check_flashback_engine()

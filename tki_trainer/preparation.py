@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 from datasets import Dataset, IterableDataset
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
@@ -259,12 +260,7 @@ def with_routing_columns(
     embeddings are checked against ``config.key_dim``. Streamed rows get both as they stream."""
     columns = get_dataset_column_names(dataset)
     if query_column in columns:
-        dim = len(next(iter(dataset))[query_column])
-        if dim != config.key_dim:
-            raise ValueError(
-                f"The '{query_column}' column holds {dim}-dimensional embeddings but the adapter has "
-                f"key_dim={config.key_dim}: build the adapter with key_dim={dim}, or re-encode the prompts."
-            )
+        check_query_column(dataset, query_column, config.key_dim)
     else:
         text_of(next(iter(dataset)))  # a row with no text to encode is refused before the encoder loads
         dataset = add_query_embeddings(
@@ -276,6 +272,7 @@ def with_routing_columns(
             text_of=text_of,
         )
     if group_column in columns:
+        check_group_column(dataset, group_column, config.num_groups)
         return dataset
     if isinstance(dataset, IterableDataset):
         return dataset.map(
@@ -283,6 +280,58 @@ def with_routing_columns(
         )
     groups = [hashed_group(str(i), config.num_groups, config.seed) for i in dataset[id_column]]
     return dataset.add_column(group_column, groups)
+
+
+def check_query_column(dataset: Dataset | IterableDataset, column: str, key_dim: int) -> None:
+    """Refuse given query embeddings that routing would fail on or be poisoned by (another dimension on any row,
+    NaN or inf), before stage 1 and the first step. Streamed rows: the first here, every batch at routing."""
+    queries = [next(iter(dataset))[column]] if isinstance(dataset, IterableDataset) else dataset[column]
+    dims = sorted({len(query) for query in queries})
+    if dims != [key_dim]:
+        raise ValueError(
+            f"The '{column}' column holds {'/'.join(map(str, dims))}-dimensional embeddings but the adapter has "
+            f"key_dim={key_dim}: build the adapter with key_dim matching your encoder, or re-encode the prompts "
+            "(tki_trainer.add_query_embeddings)."
+        )
+    bad = np.flatnonzero(~np.isfinite(np.asarray(queries, dtype=np.float32)).all(axis=1))
+    if bad.size:
+        raise ValueError(
+            f"Rows {bad[:5].tolist()} of the '{column}' column hold NaN or inf, which would turn the adapter NaN: "
+            "re-encode their prompts (tki_trainer.add_query_embeddings) or drop them."
+        )
+
+
+def check_group_column(dataset: Dataset | IterableDataset, column: str, num_groups: int) -> None:
+    """Refuse given group ids that are not integers in ``[0, num_groups)``, before stage 1 and the first step."""
+    values = [next(iter(dataset))[column]] if isinstance(dataset, IterableDataset) else dataset[column]
+    groups = np.asarray(values)
+    if not np.issubdtype(groups.dtype, np.integer):
+        raise ValueError(
+            f"The '{column}' column holds {groups.dtype} values (e.g. {values[0]!r}); group ids are integers in "
+            f"[0, {num_groups}): cast the column to int, or drop it to have ids hashed from each row's id."
+        )
+    if groups.size and (groups.min() < 0 or groups.max() >= num_groups):
+        raise ValueError(
+            f"The '{column}' column holds group ids from {groups.min()} to {groups.max()}, but the adapter has "
+            f"num_groups={num_groups}: use ids in [0, {num_groups}), or build the adapter with more groups."
+        )
+
+
+def check_rows(dataset: Dataset | IterableDataset, name: str) -> None:
+    """Refuse, before any work, a dataset TKI cannot prepare: one without rows, or one whose rows mix the
+    prompt/completion and conversational formats (SFTTrainer takes one format per dataset)."""
+    if isinstance(dataset, Dataset) and not len(dataset):
+        raise ValueError(f"The {name} dataset has no rows: pass a dataset with at least one row.")
+    columns = set(get_dataset_column_names(dataset))
+    conversation = next(iter({"messages", "conversations"} & columns), None)
+    if isinstance(dataset, Dataset) and conversation and "prompt" in columns:
+        prompts, turns = dataset["prompt"], dataset[conversation]
+        if any(p is None for p in prompts) and any(t is None for t in turns):
+            raise ValueError(
+                f"The {name} dataset mixes prompt/completion rows and '{conversation}' rows: SFTTrainer takes one "
+                "format per dataset; convert one kind into the other first (e.g. "
+                "tki_trainer.data.messages_to_prompt_completion)."
+            )
 
 
 def prompt_hashes(tokenized: Dataset, id_column: str = "id") -> dict[str, str]:

@@ -9,6 +9,7 @@ gradient projection (`backward_plan`, `pcgrad`), the card and the push (`hub`). 
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -164,6 +165,7 @@ class TKITrainer(SFTTrainer):
         split as training rows are), and the routing columns."""
         if dataset is None or not (args.lta or args.kr):
             return dataset
+        preparation.check_rows(dataset, name)
         dataset = preparation.with_ids(dataset, args.id_column, (args.query_embedding_column, args.group_id_column))
         conversation = {"messages", "conversations"} & set(get_dataset_column_names(dataset))
         if args.kr and (name == "train" or conversation):
@@ -294,6 +296,21 @@ class TKITrainer(SFTTrainer):
         if self._store is not None:
             return pad_sequence([self._store.load_delta(i) for i in example_ids], batch_first=True).to(device)
         return on_the_fly_deltas(self.accelerator.unwrap_model(model), inputs, self.args.prior_input_config)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
+        """The Trainer's loading, after refusing a checkpoint of another adapter type (``lta`` or the adapter
+        switched between the runs), whose optimizer state would otherwise fail to load deep inside torch."""
+        saved = Path(resume_from_checkpoint, "adapter_config.json")
+        then = json.loads(saved.read_text()).get("peft_type") if saved.is_file() else "full-model"
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        peft_type = unwrapped.active_peft_config.peft_type if isinstance(unwrapped, PeftModel) else "full-model"
+        now = getattr(peft_type, "value", peft_type)
+        if then != now:
+            raise ValueError(
+                f"{resume_from_checkpoint} holds a {then} checkpoint, but this run trains a {now} one (lta="
+                f"{self.args.lta}): resume with the settings that wrote it, or start a new run in another output_dir."
+            )
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Route the micro-batch for its forward and backward passes (activation checkpointing recomputes layers
