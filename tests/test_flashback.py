@@ -313,7 +313,8 @@ def test_the_model_card_says_what_the_adapter_was_kept_close_to(tmp_path):
     )
     card = card_of(from_config, tmp_path, "config")
     assert (
-        f"{len(FLASHBACKS)} flashback prompts of `{path.name}`, 1 per micro-batch, routed through the latent bank" in card
+        f"{len(FLASHBACKS)} flashback prompts of `{path.name}`, 1 per micro-batch, routed through the latent bank"
+        in card
     )
     assert (
         "symmetric KL divergence (weight 1) to the model as it was before this training, over the prompt's positions."
