@@ -505,18 +505,15 @@ def ensure_or_stand_in(bench: Bench, method: str, lr: float, seed: int, pieces: 
 
 
 def run(bench: Bench, methods: list[str], seeds: list[int], readings: bool) -> None:
-    (bench.runs / "data.json").write_text(
-        json.dumps(
-            {
-                "fits": bench.data.fits,
-                "sizes": {name: len(rows) for name, rows in bench.data.eval.items()}
-                | {"train": len(bench.data.train)},
-                "parameters_per_example": bench.parameters,
-            },
-            indent=1,
-        )
-        + "\n"
-    )
+    # A set this invocation did not load (BIG-bench under --no_bigbench) keeps what an earlier one recorded.
+    earlier = read_record(bench.runs / "data.json")
+    sizes = {name: len(rows) for name, rows in bench.data.eval.items()} | {"train": len(bench.data.train)}
+    data = {
+        "fits": earlier.get("fits", {}) | bench.data.fits,
+        "sizes": earlier.get("sizes", {}) | sizes,
+        "parameters_per_example": bench.parameters,
+    }
+    write_record(bench.runs / "data.json", data)
     tests = tuple(test for test in TEST_SETS if test in bench.data.eval)
     larger = (*LARGE_SETS, *NLL_SETS)
     bench.ensure("base", 0.0, 0, (*tests, "validation", *larger))

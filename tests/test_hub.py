@@ -21,7 +21,7 @@ from hub_load import routed_logits
 from hub_server import LocalHub
 from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.hub import PushError, public_name, push_adapter, render_model_card, training_summary
+from tki_trainer.hub import PushError, hub_id, public_name, push_adapter, render_model_card, training_summary
 
 
 TESTS = Path(__file__).parent
@@ -194,9 +194,10 @@ def test_pushes_during_training_are_refused(tmp_path):
 
 
 def test_a_run_from_local_paths_uploads_no_local_directory_and_the_epochs_it_trained(tmp_path, hub):
-    """Model, data and flashbacks given as absolute local paths: the card names them by file or folder name, the
-    uploaded adapter config too, and no uploaded file holds a directory of the run's machine. Stopped by max_steps
-    at half an epoch, the card says so."""
+    """Model, data and flashbacks given as absolute local paths: the card's prose names them by file or folder name,
+    its front matter and the uploaded adapter config name no base model (a folder name could resolve to another
+    model on the Hub), and no uploaded file holds a directory of the run's machine. Stopped by max_steps at half an
+    epoch, the card says so."""
     base = tmp_path / "models" / "tiny-base"
     tiny_llama().save_pretrained(base)
     data = tmp_path / "data" / "train.jsonl"
@@ -213,18 +214,19 @@ def test_a_run_from_local_paths_uploads_no_local_directory_and_the_epochs_it_tra
     files = hub.store.resolve("user/run", "main")[1]
     uploaded = {name: hub.store.blob(entry["oid"]) for name, entry in files.items()}
     card = uploaded["README.md"].decode()
-    assert ModelCard(card).data.base_model == "tiny-base"
+    assert ModelCard(card).data.base_model is None and "adapter for `tiny-base`" in card
     assert "`train.jsonl`" in card and "`old.jsonl`" in card and "0.5 epoch(s)" in card
-    assert json.loads(uploaded["adapter_config.json"])["base_model_name_or_path"] == "tiny-base"
+    assert json.loads(uploaded["adapter_config.json"])["base_model_name_or_path"] is None
     assert not [name for name, content in uploaded.items() if str(tmp_path).encode() in content]
 
 
 def test_public_names_keep_hub_ids_and_name_local_paths_by_their_last_part(tmp_path):
     snapshot = tmp_path / "hub" / "models--org--model" / "snapshots" / "abc123"
     snapshot.mkdir(parents=True)
-    assert public_name("org/model") == "org/model"
-    assert public_name(str(snapshot)) == "org/model"
+    assert public_name("org/model") == hub_id("org/model") == "org/model"
+    assert public_name(str(snapshot)) == hub_id(str(snapshot)) == "org/model"
     assert public_name(str(tmp_path / "data" / "rows.jsonl")) == "rows.jsonl"
+    assert hub_id(str(tmp_path / "data" / "rows.jsonl")) is None
     assert public_name("./outputs/run") == "run" and public_name(None) is None
 
 

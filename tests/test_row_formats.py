@@ -3,6 +3,7 @@ the rows when unset, and without crashing on pretokenized, formatted, non-ChatML
 streamed rows."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,7 +126,7 @@ def test_kr_left_unset_is_decided_from_the_rows_and_settings(tmp_path, rows, ove
     trainer = TKITrainer(tiny_llama(), args=given, train_dataset=rows, processing_class=tiny_tokenizer(),
                          peft_config=lora())  # fmt: skip
     assert trainer.args.kr is expected and given.kr is None
-    assert (trainer._store is not None) is expected
+    assert (Path(given.output_dir, "_tki_cache", "prior_inputs", "store.json").is_file()) is expected
     trainer.train()
     assert ("loss_reinst" in trainer.state.log_history[0]) is expected
 
@@ -191,7 +192,8 @@ def test_tool_call_turns_and_per_row_template_arguments_reach_stage_1_and_the_st
     tokenizer = tool_tokenizer()
     trainer = TKITrainer(tiny_llama(), args=args("tools", tmp_path), train_dataset=tool_call_rows(),
                          processing_class=tokenizer, peft_config=lora())  # fmt: skip
-    assert trainer.args.kr and trainer._store is not None  # the store checked every prompt's tokens at construction
+    store = Path(trainer.args.output_dir, "_tki_cache", "prior_inputs", "store.json")
+    assert trainer.args.kr and store.is_file()  # the store checked every prompt's tokens at construction
     rows = trainer.train_dataset
     shouted = [row for row in rows if row["chat_template_kwargs"]["shout"]]
     assert shouted and all(tokenizer.decode(row["input_ids"]).startswith("<s>USER") for row in shouted)

@@ -263,6 +263,11 @@ class TKIConfig(SFTConfig, PriorInputArguments):
                 "it unset), or kr=False.",
             ),
             (
+                self.assistant_only_loss,
+                "assistant_only_loss trains every assistant turn, while knowledge reinstatement splits each "
+                "conversation at its last assistant turn: set assistant_only_loss=False, or kr=False.",
+            ),
+            (
                 self.label_smoothing_factor > 0,
                 "label_smoothing_factor needs the full logits, while knowledge reinstatement compares per-example "
                 "losses from TRL's fused LM head: set label_smoothing_factor=0 (loss_type='dft' works) or kr=False.",

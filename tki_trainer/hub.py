@@ -28,10 +28,9 @@ def _template() -> str:
     return resources.files("tki_trainer").joinpath("model_card_template.md").read_text()
 
 
-def public_name(value: str | os.PathLike | None) -> str | None:
-    """How a model or data source is named in anything uploaded: a Hub id as it is; a local path by the Hub id it is
-    a snapshot of (the Hub cache's ``models--owner--name`` folders), else by its file or folder name, never by a
-    user's directories."""
+def hub_id(value: str | os.PathLike | None) -> str | None:
+    """The Hub id a model or data source stands for: a Hub id as it is, a local snapshot of the Hub cache (its
+    ``models--owner--name`` folders) by the id it was downloaded from, any other local path None."""
     if value is None:
         return None
     text = str(value)
@@ -41,7 +40,15 @@ def public_name(value: str | os.PathLike | None) -> str | None:
     for part in reversed(path.parts):
         if part.startswith(("models--", "datasets--")):
             return "/".join(part.split("--")[1:])
-    return path.resolve().name
+    return None
+
+
+def public_name(value: str | os.PathLike | None) -> str | None:
+    """How prose in anything uploaded names a model or data source: its `hub_id`, else its file or folder name,
+    never a user's directories."""
+    if value is None:
+        return None
+    return hub_id(value) or Path(str(value)).expanduser().resolve().name
 
 
 def _listing(value) -> str:
@@ -61,6 +68,7 @@ def render_model_card(
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
         base_model=public_name(config.base_model_name_or_path) or "unknown",
+        base_model_line=f"base_model: {found}\n" if (found := hub_id(config.base_model_name_or_path)) else "",
         num_groups=config.num_groups,
         keys_per_group=config.keys_per_group,
         num_latent_tasks=config.num_latent_tasks,
@@ -82,7 +90,7 @@ def render_model_card(
 
 def training_summary(
     args: Any,
-    rows: int,
+    rows: int | None,
     dataset_name: str | None = None,
     flashbacks: int = 0,
     flashback_source: str | None = None,
@@ -94,11 +102,12 @@ def training_summary(
     Hub id). Paths are named by `public_name`."""
     dataset_name, flashback_source = public_name(dataset_name), public_name(flashback_source)
     source = f" of `{dataset_name}`" if dataset_name else ""
+    counted = "streamed rows" if rows is None else f"{rows} rows"
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
     switches = ", ".join(f"{name}={getattr(args, name)}" for name in ("lta", "kr", "pcgrad"))
     epochs = args.num_train_epochs if epochs is None else epochs
     summary = (
-        f"{rows} rows{source}, at most {args.max_length} tokens, {epochs:.3g} epoch(s), learning rate "
+        f"{counted}{source}, at most {args.max_length} tokens, {epochs:.3g} epoch(s), learning rate "
         f"{args.learning_rate:g}, effective batch {batch}; {switches}, reinstatement alpha {args.reinstatement_alpha:g}."
     )
     if args.kr:
@@ -184,9 +193,11 @@ def push_adapter(
     """
     folder = Path(folder)
     missing = [name for name in ("adapter_config.json", "adapter_model.safetensors") if not (folder / name).is_file()]
-    if missing:
+    full_model = (folder / "config.json").is_file() and any(folder.glob("model*.safetensors"))
+    if missing and not full_model:
         raise ValueError(
-            f"{folder} is not a saved adapter (missing {missing}): save it with model.save_pretrained first."
+            f"{folder} is not a saved adapter (missing {missing}) nor a saved model: save it with "
+            "model.save_pretrained first."
         )
     if prior_inputs is not None and not Path(prior_inputs, "store.json").is_file():
         raise ValueError(
@@ -209,14 +220,15 @@ def push_adapter(
 
 
 def _additions(folder: Path, path_in_repo: str) -> list[CommitOperationAdd]:
-    """Every uploadable file of ``folder``; an adapter config names its base model by `public_name`."""
+    """Every uploadable file of ``folder``; an adapter config names its base model by its `hub_id` (a local base
+    model's folder name could resolve to another model on the Hub)."""
     files = sorted(str(path.relative_to(folder)) for path in folder.rglob("*") if path.is_file())
     operations = []
     for name in filter_repo_objects(files, ignore_patterns=list(PUSH_IGNORE)):
         content: str | bytes = str(folder / name)
         if Path(name).name == "adapter_config.json":
             config = json.loads((folder / name).read_text())
-            config["base_model_name_or_path"] = public_name(config.get("base_model_name_or_path"))
+            config["base_model_name_or_path"] = hub_id(config.get("base_model_name_or_path"))
             content = (json.dumps(config, indent=2, sort_keys=True) + "\n").encode()
         operations.append(
             CommitOperationAdd(path_in_repo=f"{path_in_repo}/{name}".lstrip("/"), path_or_fileobj=content)

@@ -22,7 +22,7 @@ from transformers import AutoConfig, AutoProcessor, PreTrainedTokenizerBase
 from trl.data_utils import get_dataset_column_names, maybe_convert_to_chatml
 from trl.trainer.utils import get_config_model_id
 
-from .data.formats import messages_to_prompt_completion, turns_text, with_ids
+from .data.formats import check_text_ids, messages_to_prompt_completion, turns_text, with_ids
 from .data.queries import add_query_embeddings, row_query_text
 from .data.tokenization import TEMPLATE_COLUMNS
 from .embedded import load_query_encoder
@@ -86,6 +86,7 @@ def as_prompt_completion(
         dataset = dataset.map(messages_to_prompt_completion, remove_columns="messages")
     if isinstance(dataset, IterableDataset):
         return dataset
+    check_text_ids(dataset[id_column], id_column)
     for example_id, prompt, completion in zip(*(dataset[c] for c in (id_column, "prompt", "completion"))):
         for part, value in (("prompt", prompt), ("completion", completion)):
             if not turns_text(value).strip():
@@ -184,7 +185,9 @@ def default_processing_class(model: Any, args: Any) -> Any:
 def query_text_of(args: Any, processing_class: Any, formatting_func: Any = None) -> Callable[[dict[str, Any]], str]:
     """The text each row's query is encoded from, as SFTTrainer has the model read the row: ``formatting_func``'s
     text when one is given (SFTTrainer ignores it for pretokenized rows), else `row_query_text` with the config's
-    ``dataset_text_field`` and the tokenizer (which decodes pretokenized rows)."""
+    ``dataset_text_field`` and the tokenizer (which decodes pretokenized rows). Rows without a prompt/completion
+    split (a ``formatting_func``'s text, ``text``, pretokenized ids) are encoded whole, answer included: at
+    inference such a model should be queried with the same kind of text."""
     tokenizer = getattr(processing_class, "tokenizer", processing_class)
 
     def text_of(row: dict[str, Any]) -> str:
@@ -259,6 +262,8 @@ def with_routing_columns(
     encoded with ``encoder`` when absent, cached) and group ids (a seeded hash of the id when absent). Given
     embeddings are checked against ``config.key_dim``. Streamed rows get both as they stream."""
     columns = get_dataset_column_names(dataset)
+    if group_column in columns:
+        check_group_column(dataset, group_column, config.num_groups)
     if query_column in columns:
         check_query_column(dataset, query_column, config.key_dim)
     else:
@@ -272,7 +277,6 @@ def with_routing_columns(
             text_of=text_of,
         )
     if group_column in columns:
-        check_group_column(dataset, group_column, config.num_groups)
         return dataset
     if isinstance(dataset, IterableDataset):
         return dataset.map(

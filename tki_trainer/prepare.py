@@ -72,7 +72,12 @@ def check_dataset_arguments(dataset_dir: Path, args: PrepareArguments) -> None:
     record = dataset_dir / DATASET_RECORD
     if not (dataset_dir / "dataset_info.json").is_file():
         return
-    made = json.loads(record.read_text()) if record.is_file() else {}
+    if not record.is_file():
+        raise SystemExit(
+            f"tki-prepare: {dataset_dir} has no record of the arguments it was made with ({DATASET_RECORD}): pass "
+            f"another --output_dir, or delete {dataset_dir.parent} to prepare it again."
+        )
+    made = json.loads(record.read_text())
     asked = {key: value for key, value in asdict(args).items() if key != "output_dir"}
     differ = [
         f"--{key} {made.get(key)!r} (asked: {value!r})" for key, value in asked.items() if made.get(key) != value

@@ -300,11 +300,17 @@ class TKITrainer(SFTTrainer):
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: torch.nn.Module | None = None) -> None:
         """The Trainer's loading, after refusing a checkpoint of another adapter type (``lta`` or the adapter
         switched between the runs), whose optimizer state would otherwise fail to load deep inside torch."""
-        saved = Path(resume_from_checkpoint, "adapter_config.json")
-        then = json.loads(saved.read_text()).get("peft_type") if saved.is_file() else "full-model"
         unwrapped = self.accelerator.unwrap_model(self.model)
         peft_type = unwrapped.active_peft_config.peft_type if isinstance(unwrapped, PeftModel) else "full-model"
         now = getattr(peft_type, "value", peft_type)
+        name = unwrapped.active_adapter if isinstance(unwrapped, PeftModel) else ""
+        # PEFT saves an adapter not named "default" in a folder of its name
+        saved = [
+            p
+            for p in (Path(resume_from_checkpoint), Path(resume_from_checkpoint, name))
+            if (p / "adapter_config.json").is_file()
+        ]
+        then = json.loads((saved[0] / "adapter_config.json").read_text())["peft_type"] if saved else "full-model"
         if then != now:
             raise ValueError(
                 f"{resume_from_checkpoint} holds a {then} checkpoint, but this run trains a {now} one (lta="
@@ -502,7 +508,7 @@ class TKITrainer(SFTTrainer):
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if not self.is_world_process_zero():
             return None
-        rows = len(self.train_dataset) if self.train_dataset is not None else 0
+        rows = len(self.train_dataset) if isinstance(self.train_dataset, Dataset) else None
         card = render_model_card(
             find_tuner(self.model).peft_config[self._adapter],
             repo_id=self.hub_model_id or self.args.hub_model_id or model_name or Path(self.args.output_dir).name,

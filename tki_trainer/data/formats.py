@@ -94,6 +94,17 @@ def row_hash(row: dict[str, Any], derived: tuple[str, ...] = DERIVED_COLUMNS) ->
     return hashlib.sha256(json.dumps(content + rest, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def check_text_ids(ids: list[Any], column: str = "id") -> None:
+    """Refuse ids that are not strings: prior inputs are stored under them, as safetensors keys."""
+    not_text = [example_id for example_id in ids if not isinstance(example_id, str)]
+    if not_text:
+        raise ValueError(
+            f"The '{column}' column holds {type(not_text[0]).__name__} values (e.g. {not_text[0]!r}), but prior "
+            "inputs are keyed by text ids: give every row a unique string id, e.g. dataset.map(lambda row, i: "
+            "{'id': str(i)}, with_indices=True), or drop the column to have ids hashed from each row's content."
+        )
+
+
 def with_ids(
     dataset: Dataset | IterableDataset, id_column: str = "id", derived: tuple[str, ...] = DERIVED_COLUMNS
 ) -> Dataset | IterableDataset:

@@ -5,7 +5,8 @@ Layout of a saved directory::
     instruction_vector.safetensors   "vectors": [tasks, hidden] float32
     instruction_vector.json          tasks, layer, heads and their mean causal effects, provenance
 
-Both files are written under temporary names and renamed, so a directory holds either the old pair or the new.
+Each file is written under a temporary name and renamed, so neither is ever half-written; the JSON records the
+tasks, and a load checks them against the vectors' rows.
 """
 
 from __future__ import annotations

@@ -46,6 +46,10 @@ class Objectives:
     target: Literal["easier", "harder"] = "easier"
     """Which of its two losses each example's reinstatement term takes (`REINSTATEMENT_TARGETS`)."""
 
+    def __post_init__(self) -> None:
+        if self.target not in REINSTATEMENT_TARGETS:
+            raise ValueError(f"target must be one of {REINSTATEMENT_TARGETS}, got {self.target!r}.")
+
     @property
     def through_prior(self) -> torch.Tensor:
         """[batch] bool: examples whose reinstatement term goes through the prior input ``q`` (the easier input under

@@ -31,7 +31,7 @@ from transformers import PreTrainedTokenizerBase
 from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-from ..data.formats import check_prompt_completion_rows
+from ..data.formats import check_prompt_completion_rows, check_text_ids
 from ..data.tokenization import TEMPLATE_COLUMNS, template_arguments, tokenize_row, truncate_row
 from ..logits import logits_at
 from .fingerprint import prompt_hash
@@ -116,7 +116,8 @@ class PriorInputs:
     relative_change: torch.Tensor
     """[batch] |q - e| / |e| over the prompt tokens."""
     wasserstein_gradient_ratio: torch.Tensor
-    """[batch] |lam grad W| / |grad CE| at the last step, where ``q`` is furthest from ``e`` (0 without ``W``)."""
+    """[batch] |lam grad W| / |grad CE| at the last step (taken at ``q`` before its last update, the furthest from
+    ``e`` a gradient is taken at; 0 without ``W``)."""
 
 
 def completion_cross_entropy(
@@ -239,13 +240,7 @@ def compute_prior_inputs(
     """
     config = config or PriorInputConfig()
     check_prompt_completion_rows(dataset)
-    not_text = [example_id for example_id in dataset["id"] if not isinstance(example_id, str)]
-    if not_text:
-        raise ValueError(
-            f"The 'id' column holds {type(not_text[0]).__name__} values (e.g. {not_text[0]!r}), but prior inputs are "
-            "keyed by text ids: give every row a unique string id, e.g. dataset.map(lambda row, i: {'id': str(i)}, "
-            "with_indices=True)."
-        )
+    check_text_ids(dataset["id"])
     pad_token_id = trl_pad_token_id(tokenizer)
     state = PartialState()
     # Every process tokenizes every row, so that all of them refuse an empty prompt before any work.
