@@ -209,11 +209,13 @@ def test_streamed_rows_are_routed_as_they_stream_and_refused_for_kr(tmp_path):
         yield from PROMPT_COMPLETION
 
     rows = IterableDataset.from_generator(stream)
-    trainer = TKITrainer(tiny_llama(), args=args("stream", tmp_path), train_dataset=rows,
+    saving = {"save_strategy": "steps", "save_steps": 1}  # a checkpoint writes the card, which counts the rows
+    trainer = TKITrainer(tiny_llama(), args=args("stream", tmp_path, **saving), train_dataset=rows,
                          processing_class=tiny_tokenizer(), peft_config=lora())  # fmt: skip
     assert trainer.args.kr is False
     trainer.train()
     assert "latent_usage_entropy" in trainer.state.log_history[0]
+    assert "streamed rows" in Path(trainer.args.output_dir, "README.md").read_text()
     with pytest.raises(ValueError, match="streaming IterableDataset.*kr=False"):
         TKITrainer(tiny_llama(), args=args("x", tmp_path, kr=True), train_dataset=rows,
                    processing_class=tiny_tokenizer(), peft_config=lora())  # fmt: skip
