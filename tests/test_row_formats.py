@@ -13,27 +13,12 @@ from transformers import TrainingArguments
 from trl import SFTConfig, SFTTrainer
 
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config
+from test_trainer import common
 from tki_trainer import TKIConfig, TKITrainer
 from tki_trainer.data.formats import with_ids
 from tki_trainer.data.queries import row_query_text
 from tki_trainer.data.tokenization import tokenize_row
 
-
-SETTINGS = dict(
-    max_steps=2,
-    per_device_train_batch_size=2,
-    learning_rate=1e-2,
-    logging_steps=1,
-    report_to="none",
-    bf16=False,
-    use_cpu=True,
-    seed=0,
-    dataset_num_proc=None,
-    save_strategy="no",
-    activation_checkpointing=False,
-    query_encoder="embedded",
-    prior_inputs_steps=1,
-)
 
 TEXT = Dataset.from_list([{"text": "The island is an island of land."}, {"text": "Paris is the capital of France."}])
 PROMPT_COMPLETION = Dataset.from_list(
@@ -52,7 +37,8 @@ TOOL_TEMPLATE = (
 
 
 def args(name, tmp_path, **overrides):
-    return TKIConfig(output_dir=str(tmp_path / name), **{**SETTINGS, **overrides})
+    settings = {"max_steps": 2, "query_encoder": "embedded", "prior_inputs_steps": 1, **overrides}
+    return TKIConfig(**common(tmp_path, name, **settings))
 
 
 def lora():
@@ -83,8 +69,7 @@ def tool_tokenizer():
 
 
 def test_switched_off_it_trains_every_parameter_like_sft_trainer(tmp_path):
-    settings = {k: v for k, v in SETTINGS.items() if k not in ("query_encoder", "prior_inputs_steps")}
-    sft = SFTTrainer(tiny_llama(), args=SFTConfig(output_dir=str(tmp_path / "sft"), **settings), train_dataset=TEXT,
+    sft = SFTTrainer(tiny_llama(), args=SFTConfig(**common(tmp_path, "sft", max_steps=2)), train_dataset=TEXT,
                      processing_class=tiny_tokenizer())  # fmt: skip
     tki = TKITrainer(tiny_llama(), args=args("tki", tmp_path, lta=False, kr=False, pcgrad=False), train_dataset=TEXT,
                      processing_class=tiny_tokenizer())  # fmt: skip

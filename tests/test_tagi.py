@@ -12,6 +12,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from safetensors.torch import load_file, save_file
 
 from conftest import KEY_DIM, tiny_llama
+from test_tuner import count_embedding_calls
 from tki_trainer.tagi import (
     InstructionLoraConfig,
     InstructionLoraModel,
@@ -200,12 +201,6 @@ def test_exported_plain_lora_loads_without_tki_trainer_and_matches_the_generated
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)
     other = model(input_ids=ids, instruction_embeddings=tasks[1].expand(3, -1)).logits
     assert not torch.allclose(logits, other, atol=1e-3)
-
-
-def count_embedding_calls(model):
-    calls = []
-    model.get_input_embeddings().register_forward_hook(lambda *args: calls.append(1))
-    return calls
 
 
 @pytest.mark.parametrize(

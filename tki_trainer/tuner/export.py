@@ -15,6 +15,15 @@ from .._io import staged_directory
 from .model import find_tuner, tki_layers
 
 
+def save_plain_lora(state_dict: dict[str, torch.Tensor], config: LoraConfig, output_dir: str | os.PathLike) -> Path:
+    """Write a plain PEFT LoRA directory (``adapter_model.safetensors`` in PEFT's key layout, ``adapter_config.json``)
+    under a temporary name, then rename it, so a failed export leaves nothing behind."""
+    with staged_directory(output_dir) as staging:
+        save_file(state_dict, staging / "adapter_model.safetensors", metadata={"format": "pt"})
+        config.save_pretrained(staging)
+    return Path(output_dir)
+
+
 def export_lora(
     model: nn.Module, query_embedding: torch.Tensor, output_dir: str | os.PathLike, adapter_name: str | None = None
 ) -> Path:
@@ -73,7 +82,4 @@ def export_lora(
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
     )
-    with staged_directory(output_dir) as staging:
-        save_file(state_dict, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        lora_config.save_pretrained(staging)
-    return Path(output_dir)
+    return save_plain_lora(state_dict, lora_config, output_dir)

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig
-from safetensors.torch import save_file
 from torch import nn
 
-from ..._io import staged_directory
+from ...tuner.export import save_plain_lora
 from .model import find_instruction_tuner, generate_lora
 
 
@@ -46,7 +45,4 @@ def export_instruction_lora(
         base_model_name_or_path=config.base_model_name_or_path,
         revision=config.revision,
     )
-    with staged_directory(output_dir) as staging:
-        save_file(state_dict, staging / "adapter_model.safetensors", metadata={"format": "pt"})
-        lora_config.save_pretrained(staging)
-    return Path(output_dir)
+    return save_plain_lora(state_dict, lora_config, output_dir)
