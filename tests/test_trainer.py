@@ -514,7 +514,7 @@ def test_prior_inputs_all_easier_take_the_prior_input_plan_and_pcgrad_follows_th
     deltas = pad_sequence([store.load_delta(i) for i in example_ids], batch_first=True)
     prior_inputs = embeddings + F.pad(deltas, (0, 0, 0, embeddings.shape[1] - deltas.shape[1]))
     prior = model(inputs_embeds=prior_inputs, attention_mask=batch["attention_mask"], labels=batch["labels"])
-    assert float(prior.loss) < float(prompt.loss)
+    assert prior.loss.item() < prompt.loss.item()
     g1 = torch.cat([g.flatten() for g in torch.autograd.grad(prompt.loss, trainable)])
     g2 = torch.cat([g.flatten() for g in torch.autograd.grad(prior.loss, trainable)])
     expected = yu_et_al(g1, g2)
@@ -526,7 +526,7 @@ def test_prior_inputs_all_easier_take_the_prior_input_plan_and_pcgrad_follows_th
     assert log["reinst_q_win_rate"] == 1 and log["pcgrad_backward_passes"] == 2
     assert log["pcgrad_conflict_rate"] == float(torch.dot(g1, g2) < 0)
     assert log["pcgrad_cosine"] == pytest.approx(float(torch.cosine_similarity(g1, g2, dim=0)), abs=1e-5)
-    assert log["loss_reinst"] == pytest.approx(float(prior.loss), rel=1e-4)
+    assert log["loss_reinst"] == pytest.approx(prior.loss.item(), rel=1e-4)
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     update = torch.cat([captured.gradients[n].flatten() for n in names])
     torch.testing.assert_close(update, expected, atol=1e-6, rtol=1e-4)
