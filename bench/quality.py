@@ -781,7 +781,7 @@ def report() -> None:
     reproduced = reproductions(runs)
     literal = literal_reading(runs)
     table = markdown(table_rows, comparisons, agreement, mechanisms, stage1, curves, reproduced, data)
-    table += "\n".join(literal_markdown(literal, data.get("sizes", {})))
+    table += "\n".join(["", *literal_markdown(literal, data.get("sizes", {}))])
     payload = {
         "rows": table_rows,
         "comparisons": comparisons,
