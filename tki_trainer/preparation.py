@@ -30,6 +30,7 @@ from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inpu
 from .reinstatement.fingerprint import prompt_hash
 from .retrieval import hashed_group
 from .tuner import LatentLoraConfig, TKIModel
+from .tuner.model import find_tuner
 
 
 logger = logging.getLogger(__name__)
@@ -38,6 +39,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "adapter_config",
     "as_prompt_completion",
+    "prepare_rows",
     "prior_input_store",
     "prompt_hashes",
     "query_encoder",
@@ -48,6 +50,10 @@ __all__ = [
     "with_ids",
     "with_routing_columns",
 ]
+
+CACHE_DIR = "_tki_cache"
+"""Under ``output_dir``: computed query embeddings, prior inputs and flashback continuations. ``push_to_hub``
+skips ``_*`` paths."""
 
 query_encoder = functools.lru_cache(maxsize=1)(load_query_encoder)
 """A query encoder by name (``"embedded"`` or a sentence-transformers name), loaded once per process."""
@@ -284,6 +290,44 @@ def with_routing_columns(
         )
     groups = [hashed_group(str(i), config.num_groups, config.seed) for i in dataset[id_column]]
     return dataset.add_column(group_column, groups)
+
+
+def prepare_rows(
+    dataset: Dataset | IterableDataset | None,
+    args: Any,
+    *,
+    model: Any = None,
+    peft_config: PeftConfig | None = None,
+    name: str = "train",
+    text_of: Callable[[dict[str, Any]], str] = row_query_text,
+) -> Dataset | IterableDataset | None:
+    """What `TKITrainer` adds to rows named ``name`` (``"train"``, ``"eval"``, ...) under ``args``: ids,
+    prompt/completion rows for KR (training rows only need them; evaluation rows in a conversation are split as
+    training rows are), and with ``lta`` the routing columns for ``peft_config`` (else the adapter of ``model``).
+    Rows are unchanged with ``lta`` and ``kr`` off. The recipe, ``tki-prepare`` and the benchmarks call this to
+    prepare rows as the trainer will."""
+    if dataset is None or not (args.lta or args.kr):
+        return dataset
+    check_rows(dataset, name)
+    dataset = with_ids(dataset, args.id_column, (args.query_embedding_column, args.group_id_column))
+    conversation = {"messages", "conversations"} & set(get_dataset_column_names(dataset))
+    if args.kr and (name == "train" or conversation):
+        dataset = as_prompt_completion(dataset, name, args.id_column)
+    if not args.lta:
+        return dataset
+    if peft_config is None:
+        tuner = find_tuner(model)
+        peft_config = tuner.peft_config[tuner.active_adapters[0]]
+    return with_routing_columns(
+        dataset,
+        peft_config,
+        encoder=args.query_encoder,
+        query_column=args.query_embedding_column,
+        group_column=args.group_id_column,
+        id_column=args.id_column,
+        cache_dir=os.path.join(args.output_dir, CACHE_DIR, "queries"),
+        text_of=text_of,
+    )
 
 
 def check_query_column(dataset: Dataset | IterableDataset, column: str, key_dim: int) -> None:
