@@ -17,7 +17,7 @@ import torch
 from datasets import Dataset
 
 from tki_trainer._io import staged_file
-from tki_trainer.evaluation import answer_budgets, completion_nll, generate_answers, score, score_examples
+from tki_trainer.evaluation import answer_budgets, completion_nll, generate_answers, score_by, score_examples
 from tki_trainer.presets import prior_input_config
 
 
@@ -128,16 +128,12 @@ def likelihood(model, tokenizer, dataset: Dataset, group: str, max_length: int) 
 
 
 def scored(answers: list[str], dataset: Dataset, group: str) -> dict:
-    references, groups = list(dataset["references"]), list(dataset[group])
-    members = defaultdict(list)
-    for index, name in enumerate(groups):
-        members[name].append(index)
+    """`score_by` the ``group`` column, with the answers and per-example scores that paired comparisons read."""
+    references = list(dataset["references"])
+    by_group = score_by(answers, references, list(dataset[group]))
     return {
-        "all": score(answers, references),
-        "by_group": {
-            name: score([answers[i] for i in rows], [references[i] for i in rows])
-            for name, rows in sorted(members.items())
-        },
+        "all": by_group.pop("all"),
+        "by_group": by_group,
         "ids": list(dataset["id"]),
         "answers": answers,
         "per_example": score_examples(answers, references),

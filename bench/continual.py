@@ -59,7 +59,7 @@ from common import (
 )
 from tki_trainer import TKIConfig, TKITrainer, embedded_lora_config, load_embedded_model
 from tki_trainer._io import staged_directory
-from tki_trainer.data import add_query_embeddings, balanced_subset, fit_prompts, group_references, load_p3
+from tki_trainer.data import add_query_embeddings, balanced_subset, fitted_subset, group_references, load_p3
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation.comparison import paired_bootstrap
 from tki_trainer.presets import shared_lora_config
@@ -230,7 +230,7 @@ class Data:
         whole = load_p3(P3 / file, clusters=clusters)
         keys = dict(zip(whole["id"], example_keys(whole["prompt"], whole["completion"])))
         rows = load_p3(P3 / file, clusters=clusters, per_template=PER_TEMPLATE, conversational=True)
-        rows, report = fit_prompts(group_references(rows), tokenizer, MAX_LENGTH)
+        rows, report = fitted_subset(group_references(rows), tokenizer, MAX_LENGTH)
         return rows, keys, asdict(report)
 
     def old(self, stage: int) -> Dataset | None:

@@ -67,10 +67,8 @@ from tki_trainer import TKIConfig, TKITrainer, compute_prior_inputs, embedded_lo
 from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import (
     add_query_embeddings,
-    as_conversational,
     balanced_subset,
-    fit_prompts,
-    fit_sni_prompts,
+    fitted_subset,
     group_references,
     load_bigbench,
     load_p3,
@@ -217,15 +215,13 @@ class Data:
         splits = sni_splits(SNI, VALIDATION_TASKS, seed=0)
         self.fits: dict[str, dict] = {}
 
-        def sni(split: str, column: str, total: int) -> Dataset:
-            rows, report = fit_sni_prompts(load_sni(SNI, splits[split], conversational=True), tokenizer, MAX_LENGTH)
-            self.fits[split] = asdict(report)
-            return balanced_subset(rows, column, total, seed=0)
-
-        def fitted(name: str, rows: Dataset) -> Dataset:
-            rows, report = fit_prompts(as_conversational(rows), tokenizer, MAX_LENGTH)
+        def fitted(name: str, rows: Dataset, column: str | None = None, total: int | None = None) -> Dataset:
+            rows, report = fitted_subset(rows, tokenizer, MAX_LENGTH, column=column, total=total, seed=0)
             self.fits[name] = asdict(report)
             return rows
+
+        def sni(split: str, column: str, total: int | None) -> Dataset:
+            return fitted(split, load_sni(SNI, splits[split]), column, total)
 
         p3 = fitted("p3", group_references(load_p3(P3 / "heldout.jsonl.gz", seed=0)))
         sets = {
@@ -239,7 +235,7 @@ class Data:
         }
         if bigbench is not None:
             rows = load_bigbench(bigbench, BIGBENCH_TASKS, max_examples=BIGBENCH_PER_TASK)
-            sets["bigbench"] = balanced_subset(fitted("bigbench", rows), "task", None, seed=0)
+            sets["bigbench"] = fitted("bigbench", rows)
         encoder = load_embedded_encoder()
         sets = {
             name: add_query_embeddings(rows, encoder, cache_dir=work_dir / "queries") for name, rows in sets.items()

@@ -26,26 +26,25 @@ from typing import Optional
 import torch
 from accelerate import PartialState
 from datasets import Dataset
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from peft import PeftConfig
+from transformers import PreTrainedModel
 from transformers.trainer_utils import get_last_checkpoint
 from trl import TrlParser
 
-from tki_trainer import TKIConfig, TKITrainer, load_embedded_model, preparation
+from tki_trainer import TKIConfig, TKITrainer, preparation
 from tki_trainer._io import staged_file
 from tki_trainer.data import (
-    as_conversational,
-    balanced_subset,
-    fit_prompts,
-    fit_sni_prompts,
+    fitted_subset,
     group_references,
     load_p3,
     load_sni,
     sni_from_hub_rows,
     sni_splits,
 )
+from tki_trainer.embedded import load_model
 from tki_trainer.evaluation import answer_budgets, generate_answers, score_by, score_heuristics, side_by_side
 from tki_trainer.hub import public_name
-from tki_trainer.presets import PRESETS, latent_lora_config, shared_lora_config
+from tki_trainer.presets import PRESETS, latent_bank, shared_lora_config
 
 
 @dataclass
@@ -148,42 +147,23 @@ def check_invocation(recipe: RecipeArguments, config: TKIConfig) -> None:
             )
 
 
-def load_model(recipe: RecipeArguments, config: TKIConfig):
-    if recipe.model_name_or_path == "embedded":
-        return load_embedded_model()
-    dtype = torch.bfloat16 if config.bf16 else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(recipe.model_name_or_path, dtype=dtype)
-    return model, AutoTokenizer.from_pretrained(recipe.model_name_or_path)
-
-
-def _at_most(rows: Dataset, recipe: RecipeArguments, seed: int) -> Dataset:
-    """Hub rows of SNI, at most ``max_instances_per_task`` seeded rows per task (as `load_sni` samples a checkout)."""
-    shuffled = rows.shuffle(seed=seed)
-    taken: dict[str, int] = {}
-    keep = []
-    for index, task in enumerate(shuffled["task"]):
-        if taken.get(task, 0) < recipe.max_instances_per_task:
-            keep.append(index)
-            taken[task] = taken.get(task, 0) + 1
-    return shuffled.select(keep)
-
-
 def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Dataset, Dataset, str]:
     """Training rows and evaluation rows (one per prompt, with ``references``), fitted into max_length, and the
     column that results are reported (and generation is batched) by: SNI's task category, or P3's cluster."""
     source = Path(recipe.train_data)
+    per_task = {"max_instances": recipe.max_instances_per_task, "seed": config.seed}
     if source.is_dir():
         splits = sni_splits(source, recipe.num_validation_tasks, seed=config.seed)
-        train = load_sni(source, splits["train"], max_instances=recipe.max_instances_per_task, seed=config.seed)
-        evaluation = load_sni(source, splits["test"], max_instances=recipe.max_instances_per_task, seed=config.seed)
+        train = load_sni(source, splits["train"], **per_task)
+        evaluation = load_sni(source, splits["test"], **per_task)
     elif recipe.train_data.endswith((".jsonl", ".jsonl.gz")):
         train = load_p3(recipe.train_data, seed=config.seed)
         evaluation = None
     else:
         from datasets import load_dataset
 
-        train = _at_most(sni_from_hub_rows(load_dataset(recipe.train_data, split="train")), recipe, config.seed)
-        evaluation = _at_most(sni_from_hub_rows(load_dataset(recipe.train_data, split="test")), recipe, config.seed)
+        train = sni_from_hub_rows(load_dataset(recipe.train_data, split="train"), **per_task)
+        evaluation = sni_from_hub_rows(load_dataset(recipe.train_data, split="test"), **per_task)
     if recipe.eval_data:
         evaluation = group_references(load_p3(recipe.eval_data, seed=config.seed))
     elif evaluation is None:
@@ -194,20 +174,21 @@ def load_data(recipe: RecipeArguments, config: TKIConfig, tokenizer) -> tuple[Da
         ("train", train, recipe.num_train_rows),
         ("evaluation", evaluation, recipe.num_eval_prompts),
     ):
-        fit = fit_sni_prompts if "definition" in rows.column_names else fit_prompts
-        rows, report = fit(as_conversational(rows), tokenizer, config.max_length)
-        fitted.append(balanced_subset(rows, "task" if "task" in rows.column_names else "cluster", total, config.seed))
-        print(f"{name}: {report}; {len(fitted[-1])} of them used")
+        column = "task" if "task" in rows.column_names else "cluster"
+        rows, report = fitted_subset(rows, tokenizer, config.max_length, column=column, total=total, seed=config.seed)
+        fitted.append(rows)
+        print(f"{name}: {report}; {len(rows)} of them used")
     return fitted[0], fitted[1], group
 
 
-def adapter_config(recipe: RecipeArguments, config: TKIConfig, key_dim: int):
-    """The preset's adapter with the command line's overrides: TKI with ``lta``, its shared LoRA alone without."""
+def adapter_config(
+    recipe: RecipeArguments, config: TKIConfig, model: PreTrainedModel, train: Dataset
+) -> PeftConfig | None:
+    """The preset's adapter with the command line's overrides, built as the trainer builds one: TKI with ``lta``
+    (keyed by the query encoder), its shared LoRA alone without."""
     overrides = {name: getattr(recipe, name) for name in ADAPTER_FIELDS}
-    if not config.lta:
-        return shared_lora_config(recipe.preset, **overrides)
-    encoder = "sentence-transformers/all-MiniLM-L6-v2" if config.query_encoder == "embedded" else config.query_encoder
-    return latent_lora_config(recipe.preset, key_dim=key_dim, encoder_name=encoder, **overrides)
+    lora = shared_lora_config(recipe.preset, **overrides)
+    return preparation.adapter_config(model, config, lora, [train], **latent_bank(recipe.preset, **overrides))
 
 
 def evaluate(trainer: TKITrainer, evaluation: Dataset, group: str, recipe: RecipeArguments, output_dir: Path):
@@ -244,21 +225,16 @@ def main(argv: list[str] | None = None) -> dict:
     with staged_file(output_dir / "resolved_config.json") as staging:
         staging.write_text(json.dumps(resolved, indent=2, default=str))
 
-    model, tokenizer = load_model(recipe, config)
+    model, tokenizer = load_model(recipe.model_name_or_path, torch.bfloat16 if config.bf16 else torch.float32)
     train, evaluation, group = load_data(recipe, config, tokenizer)
-    key_dim = preparation.query_encoder(config.query_encoder).get_embedding_dimension()
     trainer = TKITrainer(model, args=config, train_dataset=train, processing_class=tokenizer,
-                         peft_config=adapter_config(recipe, config, key_dim))  # fmt: skip
+                         peft_config=adapter_config(recipe, config, model, train))  # fmt: skip
     trainer.train(resume_from_checkpoint=get_last_checkpoint(str(output_dir)))
     trainer.save_model(_internal_call=True)  # the push, if asked, comes once, with the evaluation in the card
     if not PartialState().is_main_process:
         return {}
 
-    if config.lta:
-        routing = trainer.model.peft_config["default"]
-        evaluation = preparation.with_routing_columns(
-            evaluation, routing, encoder=config.query_encoder, cache_dir=output_dir / "_tki_cache" / "queries"
-        )
+    evaluation = preparation.prepare_rows(evaluation, config, model=trainer.model, name="eval")
     answers = evaluate(trainer, evaluation, group, recipe, output_dir)
     results = {name: score_by(values, evaluation["references"], evaluation[group]) for name, values in answers.items()}
     if {"instance_input", "demo_output"} <= set(evaluation.column_names):

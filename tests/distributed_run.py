@@ -41,7 +41,12 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
     if with_flashbacks:
-        assert len({len(ids) for ids in trainer._flashbacks.token_ids}) > 1, "the flashbacks must differ in length"
+        assert (
+            len(
+                {len(ids) for ids in next(o for o in trainer.objectives if o.name == "flashback").flashbacks.token_ids}
+            )
+            > 1
+        ), "the flashbacks must differ in length"
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")

@@ -1,4 +1,4 @@
-"""One process of the two-process `PCGradAccumulator` check in test_pcgrad.py (gloo, started with
+"""One process of the two-process `ObjectiveGradients` check in test_pcgrad.py (gloo, started with
 torch.multiprocessing): it accumulates the hand-made gradients of its rank, records every torch.distributed
 collective that `apply` makes, and saves what it saw for the test to compare with the mean computed by hand."""
 
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from tki_trainer.pcgrad import PCGradAccumulator
+from tki_trainer.gradients import ObjectiveGradients
 
 
 COLLECTIVES = (
@@ -116,7 +116,7 @@ def worker(rank: int, world_size: int, init_file: str, device: str, output: str)
     for count in SIZES:
         for num_objectives in (1, 2, 3):
             parameters = [torch.nn.Parameter(torch.zeros(shape, device=device)) for shape in shapes(count)]
-            accumulator = PCGradAccumulator(parameters, num_objectives=num_objectives)
+            accumulator = ObjectiveGradients(parameters, num_objectives=num_objectives)
             for micro_batch in range(MICRO_BATCHES):
                 for objective in range(num_objectives):
                     grads = gradients(rank, count, micro_batch, objective)

@@ -6,7 +6,7 @@ from peft import LoraConfig, get_peft_model
 
 from conftest import tiny_llama, tki_config, trained_like
 from tki_trainer import route
-from tki_trainer.capture import SubsetGradients
+from tki_trainer.gradients import GradientCapture
 
 
 def losses(model, ids, queries):
@@ -29,7 +29,7 @@ def test_one_backward_gives_the_whole_batch_and_a_weighted_subset(adapter, queri
     ids = torch.randint(3, 300, (3, 9), generator=torch.Generator().manual_seed(2))
     weights = torch.tensor([1.0, 0.0, 0.5])
 
-    capture = SubsetGradients(model, parameters)
+    capture = GradientCapture(model, parameters)
     assert capture.supported
     with capture.recording():
         per_example = losses(model, ids, batch_queries)
@@ -53,4 +53,4 @@ def test_one_backward_gives_the_whole_batch_and_a_weighted_subset(adapter, queri
 
 def test_parameters_the_capture_cannot_see_make_it_unsupported():
     model = get_peft_model(tiny_llama(), LoraConfig(r=4, target_modules="all-linear", use_dora=True))
-    assert not SubsetGradients(model, [p for p in model.parameters() if p.requires_grad]).supported
+    assert not GradientCapture(model, [p for p in model.parameters() if p.requires_grad]).supported

@@ -9,7 +9,7 @@ from peft import LoraConfig, get_peft_model
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
 from test_trainer import common, losses, noisy_store, rows
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.flashback import DIVERGENCES, Flashbacks, load_flashback_rows, token_divergence
+from tki_trainer.flashback import DIVERGENCES, FlashbackObjective, Flashbacks, load_flashback_rows, token_divergence
 from tki_trainer.flashback import prompts as flashback_prompts
 
 
@@ -98,7 +98,7 @@ def test_an_adapter_that_does_not_start_as_the_identity_is_its_own_reference(tmp
     before training, so the reference is the adapter as initialised."""
     lora = LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
     trainer = flashback_trainer(tmp_path, "random_init", peft_config=lora, lta=False)
-    assert trainer._reference._snapshot is not None
+    assert flashback_objective(trainer).reference.copies_weights
     assert flashback_value(trainer) == pytest.approx(0.0, abs=1e-6)
 
 
@@ -108,12 +108,16 @@ def test_the_divergence_is_a_mean_per_flashback_whatever_the_padding(tmp_path, m
     depend on how its flashbacks are split over micro-batches and processes)."""
     trainer = flashback_trainer(tmp_path, "padding", flashback_routing=False)
     perturbed(trainer)
-    lengths = [len(ids) for ids in trainer._flashbacks.token_ids]
+    lengths = [len(ids) for ids in flashback_objective(trainer).flashbacks.token_ids]
     short, long = lengths.index(min(lengths)), lengths.index(max(lengths))
     assert lengths[short] < lengths[long]
 
     def divergence_of(chosen):
-        monkeypatch.setattr(trainer._flashbacks, "draw", lambda *_: trainer._flashbacks.batch(chosen))
+        monkeypatch.setattr(
+            flashback_objective(trainer).flashbacks,
+            "draw",
+            lambda *_: flashback_objective(trainer).flashbacks.batch(chosen),
+        )
         return flashback_value(trainer)
 
     alone = [divergence_of([row]) for row in (short, long)]
@@ -130,14 +134,14 @@ def test_a_resumed_run_draws_the_flashbacks_the_interrupted_one_would_have(tmp_p
             tmp_path, "run", max_steps=4, save_strategy="steps", save_steps=2, per_device_train_batch_size=3,
             gradient_accumulation_steps=2, learning_rate=1e-3,
         )  # fmt: skip
-        drawn, draw = [], run._flashbacks.draw
+        drawn, draw = [], flashback_objective(run).flashbacks.draw
 
         def recording(*args):
             batch = draw(*args)
             drawn.append((run.state.global_step, batch.input_ids.tolist()))
             return batch
 
-        run._flashbacks.draw = recording
+        flashback_objective(run).flashbacks.draw = recording
         return run, drawn
 
     straight, straight_draws = trainer()
@@ -194,10 +198,13 @@ def perturbed(trainer, seed=5, scale=0.2):
                 parameter.add_(torch.randn(parameter.shape, generator=generator, dtype=parameter.dtype) * scale)
 
 
+def flashback_objective(trainer):
+    return next(o for o in trainer.objectives if isinstance(o, FlashbackObjective))
+
+
 def flashback_value(trainer, draw=0):
-    trainer._flashback_micro_batch = draw
     trainer.model.zero_grad(set_to_none=True)
-    return float(trainer._flashback_step(trainer.model))
+    return float(flashback_objective(trainer).step_on_draw(trainer.model, trainer.gradients, draw))
 
 
 @pytest.mark.parametrize("kind", DIVERGENCES)
@@ -238,7 +245,7 @@ def test_flashbacks_train_the_latent_tasks_they_retrieve_only_when_routed(tmp_pa
     if not routing:
         assert all(p.grad is None for p in banks)
         return
-    batch = trainer._flashbacks.draw(0, 0, 1, "cpu")
+    batch = flashback_objective(trainer).flashbacks.draw(0, 0, 1, "cpu")
     from tki_trainer.tuner.model import find_tuner
 
     tuner = find_tuner(trainer.model)
@@ -290,8 +297,10 @@ def test_flashbacks_load_from_files_folders_and_messages_without_ids(tmp_path):
     )
     tokenizer = tiny_tokenizer()
     expected = tokenizer.apply_chat_template(from_file[0]["prompt"], add_generation_prompt=True, tokenize=True)
-    assert trainer._flashbacks.token_ids[0] == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
-    assert trainer._flashbacks.query_embeddings.shape == (len(FLASHBACKS), 384)
+    assert flashback_objective(trainer).flashbacks.token_ids[0] == list(
+        expected["input_ids"] if hasattr(expected, "keys") else expected
+    )
+    assert flashback_objective(trainer).flashbacks.query_embeddings.shape == (len(FLASHBACKS), 384)
     with pytest.raises(ValueError, match="'prompt' or 'messages'"):
         load_flashback_rows(Dataset.from_list([{"question": "x"}]))
 
@@ -345,7 +354,7 @@ def test_reference_continuations_are_generated_once_and_cached_as_safetensors(tm
     cached = list((tmp_path / "continued" / "_tki_cache" / "flashbacks").glob("*.safetensors"))
     assert len(cached) == 1
     prompts = [tiny_tokenizer()(p)["input_ids"] for p in FLASHBACKS]
-    extended = trainer._flashbacks.token_ids
+    extended = flashback_objective(trainer).flashbacks.token_ids
     assert all(e[: len(p)] == p and 0 < len(e) - len(p) <= 3 for e, p in zip(extended, prompts))
 
     def refuse(*_args, **_kwargs):
@@ -353,7 +362,7 @@ def test_reference_continuations_are_generated_once_and_cached_as_safetensors(tm
 
     monkeypatch.setattr(flashback_prompts, "_generate", refuse)
     again = flashback_trainer(tmp_path, "continued", flashback_continuation_tokens=3)
-    assert again._flashbacks.token_ids == extended
+    assert flashback_objective(again).flashbacks.token_ids == extended
 
 
 @pytest.mark.parametrize(

@@ -21,7 +21,7 @@ from hub_load import routed_logits
 from hub_server import LocalHub
 from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.hub import PushError, hub_id, public_name, push_adapter, render_model_card, training_summary
+from tki_trainer.hub import PushError, hub_id, public_name, push_adapter, render_model_card
 
 
 TESTS = Path(__file__).parent
@@ -242,6 +242,11 @@ def test_public_names_keep_hub_ids_and_name_local_paths_by_their_last_part(tmp_p
     ],
 )
 def test_the_card_says_which_reading_of_reinstatement_trained_the_adapter(tmp_path, settings, says):
-    text = training_summary(TKIConfig(**common(tmp_path, "run"), **{"kr": True, **settings}), rows=8)
+    args = TKIConfig(**common(tmp_path, "run"), **{"kr": True, "prior_inputs_mode": "on_the_fly", **settings})
+    trainer = TKITrainer(
+        tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=tki_config()
+    )
+    trainer.create_model_card()
+    text = (tmp_path / "run" / "README.md").read_text()
     assert all(phrase in text for phrase in says)
     assert ("Knowledge reinstatement" in text) == bool(says)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 import pcgrad_collectives
-from tki_trainer.pcgrad import PCGradAccumulator, project
+from tki_trainer.gradients import ObjectiveGradients, project
 
 
 def yu_et_al(g1, g2):
@@ -65,7 +65,7 @@ def test_a_zero_gradient_projects_nothing():
 def test_accumulator_sums_micro_batches_then_projects_once_into_grad():
     a = torch.nn.Parameter(torch.zeros(2))
     b = torch.nn.Parameter(torch.zeros(1))
-    accumulator = PCGradAccumulator([a, b])
+    accumulator = ObjectiveGradients([a, b])
     pairs = [
         (torch.tensor([1.0, 0.0, 1.0]), torch.tensor([-2.0, 1.0, 0.0])),
         (torch.tensor([0.0, 1.0, 0.5]), torch.tensor([0.0, -1.0, -1.0])),
@@ -84,8 +84,8 @@ def test_sparse_bank_gradients_accumulate_like_dense_ones():
     """A bank whose gradients are row-sparse gives the dense computation's update, itself row-sparse."""
     generator = torch.Generator().manual_seed(0)
     bank, dense_bank, other = (torch.nn.Parameter(torch.zeros(6, 2)) for _ in range(3))
-    sparse = PCGradAccumulator([bank, other])
-    reference = PCGradAccumulator([dense_bank, other])
+    sparse = ObjectiveGradients([bank, other])
+    reference = ObjectiveGradients([dense_bank, other])
     for rows in ([0, 4], [4, 5]):
         for objective in range(2):
             values = torch.randn(len(rows), 2, generator=generator)
@@ -103,7 +103,7 @@ def test_sparse_bank_gradients_accumulate_like_dense_ones():
 
 def test_one_objective_only_sums_and_keeps_sparse_rows_sparse():
     bank, other = torch.nn.Parameter(torch.zeros(6, 2)), torch.nn.Parameter(torch.zeros(3))
-    accumulator = PCGradAccumulator([bank, other], num_objectives=1)
+    accumulator = ObjectiveGradients([bank, other], num_objectives=1)
     rows = torch.tensor([[1, 4]])
     values = [torch.tensor([[1.0, 2.0], [3.0, 4.0]]), torch.tensor([[0.5, 0.5], [1.0, -1.0]])]
     for value, dense in zip(values, (torch.tensor([1.0, 0.0, 2.0]), torch.tensor([0.0, -1.0, 1.0]))):

@@ -7,7 +7,7 @@ import pytest
 from datasets import load_from_disk
 
 from conftest import tiny_llama, tiny_tokenizer
-from tki_trainer.prepare import main
+from tki_trainer.cli import main
 from tki_trainer.reinstatement import PriorInputStore
 
 

@@ -12,8 +12,8 @@ from typing import Optional
 from trl import SFTConfig
 
 from .flashback import DIVERGENCES
-from .reinstatement import PriorInputConfig
-from .reinstatement.objective import REINSTATEMENT_TARGETS
+from .reinstatement.losses import REINSTATEMENT_TARGETS
+from .reinstatement.settings import PriorInputConfig
 
 
 PRIOR_INPUTS_PREFIX = "prior_inputs_"
@@ -57,11 +57,102 @@ PriorInputArguments.__doc__ = "Knowledge-reinstatement stage-1 settings as ``pri
 @dataclass
 class TKIConfig(SFTConfig, PriorInputArguments):
     """Configuration of `TKITrainer`. Every `SFTConfig` field keeps its meaning; with ``lta``, ``kr`` and
-    ``pcgrad`` off and no flashbacks the trainer is `SFTTrainer`. Like `SFTConfig`, a CPU-only machine needs ``use_cpu=True`` or
-    ``bf16=False``.
+    ``pcgrad`` off and no flashbacks the trainer is `SFTTrainer`. Like `SFTConfig`, a CPU-only machine needs
+    ``use_cpu=True`` or ``bf16=False``.
 
     Every check that needs only the configuration runs here, at construction (PEFT's ``LoraConfig`` does the same),
-    so a bad combination fails before a model or dataset is loaded.
+    so a bad combination fails before a model or dataset is loaded. Below are the parameters TKI adds; for the others
+    see `trl.SFTConfig`.
+
+    Parameters:
+        > Parameters that control latent task adaptation
+
+        lta (`bool`, *optional*, defaults to `True`):
+            Route each example to its retrieved latent LoRA increments.
+
+        > Parameters that control knowledge reinstatement
+
+        kr (`bool`, *optional*):
+            Also train on each example's optimised prior input embeddings. Unset (`None`): on where the training rows
+            have a prompt and a completion (prompt/completion, messages) and no setting rules it out, else off with
+            one log line (`TKITrainer` decides, as `SFTTrainer` decides `completion_only_loss=None`).
+        reinstatement_alpha (`float`, *optional*, defaults to `1.0`):
+            alpha, the weight of the reinstatement loss: total = L_sft + alpha * L_reinst.
+        reinstatement_target (`str`, *optional*, defaults to `"easier"`):
+            Which input each example's reinstatement term trains through:
+
+            - `"easier"`: the paper's eq. 6 as written (-max of the target's log-likelihoods), min(loss with q, loss
+              with the prompt): after stage 1 mostly the prior input, a second form of input for the same target.
+            - `"harder"`: eq. 6 with its minus sign dropped, max of the two losses (rarely the prior input after
+              stage 1).
+
+        prior_inputs_dir (`str`, *optional*):
+            A store written by `compute_prior_inputs` / ``tki-prepare``. Unset with `kr=True`: computed at construction
+            under `output_dir/_tki_cache`.
+        prior_inputs_mode (`str`, *optional*, defaults to `"store"`):
+            `"store"`: read prior inputs from a store (computed once); `"on_the_fly"`: run stage 1 on each batch inside
+            training, for datasets whose store would not fit on disk.
+
+        > Parameters that control knowledge-reinstatement stage 1 (the fields of `PriorInputConfig`)
+
+        prior_inputs_steps (`int`, *optional*, defaults to `5`):
+            Stage-1 Adam steps per example.
+        prior_inputs_learning_rate (`float`, *optional*, defaults to `3e-4`):
+            Stage-1 Adam learning rate.
+        prior_inputs_wasserstein_weight (`float`, *optional*, defaults to `-1.0`):
+            lam, the weight of W(q, e) in stage 1: -1, the paper's eq. 5 as written, pushes q away from the prompt;
+            > 0 keeps q near it; 0 leaves W out.
+        prior_inputs_wasserstein (`str`, *optional*, defaults to `"emd"`):
+            How W(q, e) is computed: `"emd"` (exact) or `"sinkhorn"`.
+        prior_inputs_sinkhorn_reg (`float`, *optional*, defaults to `0.05`):
+            Entropic regularisation of `"sinkhorn"`.
+        prior_inputs_batch_size (`int`, *optional*, defaults to `8`):
+            Examples optimised together in stage 1; does not change the results.
+
+        > Parameters that control PCGrad
+
+        pcgrad (`bool`, *optional*, defaults to `True`):
+            Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks); with only SFT
+            active there is nothing to project.
+
+        > Parameters that control flashbacks (Joint Flashback Adaptation)
+
+        flashback_dataset (`str`, *optional*):
+            Old tasks' prompts to keep the model's behaviour on while it learns the new rows: a local dataset folder
+            or data file, or a Hub id (`TKITrainer`'s `flashback_dataset=` also takes a `Dataset`). Their completions
+            are ignored.
+        flashback_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the flashback divergence: total = L_sft + alpha * L_reinst + weight * L_flashback.
+        flashbacks_per_step (`int`, *optional*, defaults to `1`):
+            Flashback prompts drawn for each training micro-batch (one more forward).
+        flashback_divergence (`str`, *optional*, defaults to `"symmetric_kl"`):
+            Divergence of the model's next-token distributions from the reference's at the flashback positions,
+            averaged per flashback, then over flashbacks: `"symmetric_kl"` (KL(reference || model) + KL(model ||
+            reference), the paper's), `"kl"` (KL(reference || model)), `"reverse_kl"` or `"js"`.
+        flashback_continuation_tokens (`int`, *optional*, defaults to `0`):
+            Also compare over a continuation of this many tokens that the reference generates once per flashback
+            (greedy, cached under `output_dir/_tki_cache`); 0: the prompt's positions only.
+        flashback_routing (`bool`, *optional*, defaults to `True`):
+            With `lta`: route flashbacks through the latent bank by their own queries and groups, jointly with the new
+            rows (joint latent task learning); `False`: flashbacks bypass the bank (the ablation).
+
+        > Parameters that control query encoding and the dataset columns
+
+        query_encoder (`str`, *optional*, defaults to `"FacebookAI/roberta-base"`):
+            Sentence encoder for query embeddings the dataset lacks: a sentence-transformers name or path, or
+            `"embedded"` for the packaged all-MiniLM-L6-v2. The paper uses RoBERTa-base.
+        query_embedding_column (`str`, *optional*, defaults to `"query_embedding"`):
+            Column of query embeddings.
+        group_id_column (`str`, *optional*, defaults to `"group_id"`):
+            Column of latent-task group ids; absent: a seeded hash of the id.
+        id_column (`str`, *optional*, defaults to `"id"`):
+            Column of stable, unique example ids; absent: a hash of the row's content.
+
+        > Parameters whose values TKI restricts
+
+        hub_strategy (`str`, *optional*, defaults to `"end"`):
+            With `push_to_hub`: `"end"` (the only strategy `TKITrainer` takes) pushes once, through
+            `trainer.push_to_hub`; the `Trainer`'s others push its pickled state during training.
     """
 
     # The three mechanisms
@@ -185,7 +276,7 @@ class TKIConfig(SFTConfig, PriorInputArguments):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        self.prior_input_config  # noqa: B018 - validates the stage-1 settings
+        self._check_prior_inputs()
         if self.prior_inputs_mode not in ("store", "on_the_fly"):
             raise ValueError(f"prior_inputs_mode must be 'store' or 'on_the_fly', got {self.prior_inputs_mode!r}.")
         if self.reinstatement_alpha < 0:
@@ -279,6 +370,11 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             ),
         )
         return next((message for found, message in conflicts if found), None)
+
+    def _check_prior_inputs(self) -> None:
+        """Refuse ``prior_inputs_*`` values that `PriorInputConfig` refuses, at construction rather than when stage 1
+        runs."""
+        _prior_input_config(self)
 
     def _check_flashbacks(self) -> None:
         if self.flashback_weight < 0:

@@ -82,6 +82,14 @@ def load_embedded_model(dtype: torch.dtype = torch.float32) -> tuple[PreTrainedM
     return model, tokenizer
 
 
+def load_model(name: str, dtype: torch.dtype = torch.float32) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """A causal language model and its tokenizer by name: ``"embedded"`` for the packaged SmolLM2-135M-Instruct,
+    else any transformers model name or path."""
+    if name == "embedded":
+        return load_embedded_model(dtype)
+    return AutoModelForCausalLM.from_pretrained(name, dtype=dtype), AutoTokenizer.from_pretrained(name)
+
+
 def load_embedded_encoder(device: str | None = None):
     """The packaged all-MiniLM-L6-v2 sentence encoder (384 dimensions, unit-norm embeddings)."""
     from sentence_transformers import SentenceTransformer
@@ -90,6 +98,12 @@ def load_embedded_encoder(device: str | None = None):
     encoder = SentenceTransformer(str(path), device=device)
     encoder.model_card_data.base_model = ENCODER_NAME
     return encoder
+
+
+def query_encoder_name(name: str) -> str:
+    """The name an adapter records for the query encoder given as ``name``: the packaged encoder's Hub name for
+    ``"embedded"``, else ``name`` itself."""
+    return ENCODER_NAME if name == "embedded" else name
 
 
 def load_query_encoder(name: str, device: str | None = None):

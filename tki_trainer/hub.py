@@ -10,12 +10,15 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+import torch
+from datasets import Dataset
 from huggingface_hub import CommitInfo, CommitOperationAdd, HfApi
 from huggingface_hub.utils import filter_repo_objects
 
 from ._io import staged_file
-from .flashback import DIVERGENCE_NAMES
-from .tuner import LatentLoraConfig
+from .preparation import cache_dir
+from .tuner import LatentLoraConfig, export_lora
+from .tuner.model import find_tuner
 
 
 PUSH_IGNORE = ("_*", "checkpoint-*", ".*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
@@ -61,9 +64,10 @@ def render_model_card(
     repo_id: str,
     training_data: str,
     evaluation: str,
+    citations: list[str] = (),
 ) -> str:
     """The card's Markdown: front matter (base model, ``peft``/``trl``/``tki`` tags), TKI settings, data, results,
-    and usage for both loading paths."""
+    usage for both loading paths, and the BibTeX of ``citations``."""
     return _template().format(
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
@@ -85,22 +89,21 @@ def render_model_card(
         inference_retrieval=config.inference_retrieval,
         training_data=training_data,
         evaluation=evaluation,
+        citations="\n\n".join(citations),
     )
 
 
 def training_summary(
     args: Any,
     rows: int | None,
-    dataset_name: str | None = None,
-    flashbacks: int = 0,
-    flashback_source: str | None = None,
+    dataset_name: str | None,
+    objectives: list[str] = (),
     epochs: float | None = None,
 ) -> str:
     """The card's "Training" line, from a `TKIConfig`: rows, length, epochs (``epochs`` trained, else the
-    configured number), rate, effective batch, switches, and the flashbacks when there were any (a continual stage:
-    what the adapter was kept close to; ``flashback_source`` names where they came from when that was a path or a
-    Hub id). Paths are named by `public_name`."""
-    dataset_name, flashback_source = public_name(dataset_name), public_name(flashback_source)
+    configured number), rate, effective batch, switches, then what each auxiliary objective says of its training
+    (``objectives``). Paths are named by `public_name`."""
+    dataset_name = public_name(dataset_name)
     source = f" of `{dataset_name}`" if dataset_name else ""
     counted = "streamed rows" if rows is None else f"{rows} rows"
     batch = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
@@ -110,44 +113,7 @@ def training_summary(
         f"{counted}{source}, at most {args.max_length} tokens, {epochs:.3g} epoch(s), learning rate "
         f"{args.learning_rate:g}, effective batch {batch}; {switches}, reinstatement alpha {args.reinstatement_alpha:g}."
     )
-    if args.kr:
-        summary = f"{summary} {reinstatement_reading(args)}"
-    if not flashbacks:
-        return summary
-    origin = f" of `{flashback_source}`" if flashback_source else ""
-    routing = "routed through the latent bank" if args.flashback_routing else "bypassing the latent bank"
-    continuation = (
-        f" and a {args.flashback_continuation_tokens}-token continuation the reference generated"
-        if args.flashback_continuation_tokens
-        else ""
-    )
-    divergence = DIVERGENCE_NAMES[args.flashback_divergence]
-    return (
-        f"{summary} Joint Flashback Adaptation: {flashbacks} flashback prompts{origin}, {args.flashbacks_per_step} per "
-        f"micro-batch, {routing}; {divergence} divergence (weight {args.flashback_weight:g}) to the model as it was "
-        f"before this training, over the prompt's positions{continuation}."
-    )
-
-
-READINGS = {
-    "easier": "the paper's eq. 6 as written: each example trained through whichever of its prompt and its prior input "
-    "already produced the target more easily (after stage 1 mostly the prior input, a second form of input for the "
-    "same target)",
-    "harder": "eq. 6 with its minus sign dropped: each example trained through whichever of its prompt and its prior "
-    "input produced the target less easily (after stage 1 rarely the prior input)",
-}
-
-
-def reinstatement_reading(args: Any) -> str:
-    """The card's sentence on how knowledge reinstatement was read: eq. 6's target and stage 1's Wasserstein sign."""
-    weight = args.prior_inputs_wasserstein_weight
-    if weight < 0:
-        stage1 = f"pushed away from the prompt (Wasserstein weight {weight:g}, eq. 5 as written)"
-    elif weight > 0:
-        stage1 = f"kept near the prompt (Wasserstein weight {weight:g})"
-    else:
-        stage1 = "without the Wasserstein term"
-    return f"Knowledge reinstatement: {READINGS[args.reinstatement_target]}; prior inputs from stage 1 {stage1}."
+    return " ".join([summary, *objectives])
 
 
 def evaluation_table(log_history: list[dict[str, Any]]) -> str:
@@ -241,3 +207,72 @@ def _redacted(text: str, token: str | None) -> str:
     if token:
         text = text.replace(token, "***")
     return re.sub(r"hf_[A-Za-z0-9]{8,}", "***", text)
+
+
+def write_trainer_card(
+    trainer: Any, *, model_name: str | None = None, dataset_name: str | None = None, evaluation: str | None = None
+) -> None:
+    """A `TKITrainer`'s card (`model_card_template.md`) from its adapter config, arguments, objectives and logs:
+    base model, TKI settings, data, the run's last evaluation (or ``evaluation``, Markdown), usage for both loading
+    paths, and the papers of the trainer (its ``_paper``) and of each objective that trained."""
+    tuner = find_tuner(trainer.model)
+    rows = len(trainer.train_dataset) if isinstance(trainer.train_dataset, Dataset) else None
+    card = render_model_card(
+        tuner.peft_config[tuner.active_adapters[0]],
+        repo_id=repo_id_of(trainer, model_name),
+        training_data=training_summary(
+            trainer.args,
+            rows,
+            dataset_name,
+            [text for objective in trainer.objectives if (text := objective.card_text())],
+            epochs=trainer.state.epoch or None,
+        ),
+        evaluation=evaluation or evaluation_table(trainer.state.log_history),
+        citations=[paper["citation"] for paper in (trainer._paper, *(o.paper for o in trainer.objectives)) if paper],
+    )
+    write_model_card(trainer.args.output_dir, card)
+
+
+def repo_id_of(trainer: Any, model_name: str | None = None) -> str:
+    """Where a trainer pushes: its Hub model id, else ``model_name``, else its output directory's name."""
+    return trainer.hub_model_id or trainer.args.hub_model_id or model_name or Path(trainer.args.output_dir).name
+
+
+def push_trainer(
+    trainer: Any,
+    *,
+    commit_message: str,
+    token: str | None,
+    revision: str | None,
+    private: bool | None,
+    prior_inputs: bool,
+    plain_lora_query: torch.Tensor | None,
+    card: dict[str, Any],
+) -> CommitInfo | None:
+    """`TKITrainer.push_to_hub`: save, write the card (``card``: `create_model_card`'s arguments) and upload
+    through `push_adapter`, with the arguments' Hub settings where the call gives none."""
+    store = next((o.store for o in trainer.objectives if getattr(o, "store", None) is not None), None)
+    if prior_inputs and store is None:
+        raise ValueError(
+            "prior_inputs=True needs a prior-input store, which this trainer (kr=False or on_the_fly) has not."
+        )
+    args = trainer.args
+    trainer.callback_handler.on_push_begin(args, trainer.state, trainer.control)
+    trainer.save_model(_internal_call=True)
+    if not trainer.is_world_process_zero():
+        return None
+    trainer.create_model_card(**card)
+    plain_lora = None
+    if plain_lora_query is not None:
+        plain_lora = cache_dir(args) / "plain_lora"
+        export_lora(trainer.accelerator.unwrap_model(trainer.model), plain_lora_query, plain_lora)
+    return push_adapter(
+        args.output_dir,
+        repo_id_of(trainer),
+        token=token if token is not None else args.hub_token,
+        revision=revision if revision is not None else args.hub_revision,
+        private=private if private is not None else args.hub_private_repo,
+        commit_message=commit_message,
+        prior_inputs=store.path if prior_inputs else None,
+        plain_lora=plain_lora,
+    )

@@ -12,6 +12,7 @@ import functools
 import logging
 import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,7 +26,7 @@ from trl.trainer.utils import get_config_model_id
 from .data.formats import check_text_ids, messages_to_prompt_completion, turns_text, with_ids
 from .data.queries import add_query_embeddings, row_query_text
 from .data.tokenization import TEMPLATE_COLUMNS
-from .embedded import load_query_encoder
+from .embedded import load_query_encoder, query_encoder_name
 from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs
 from .reinstatement.fingerprint import prompt_hash
 from .retrieval import hashed_group
@@ -54,6 +55,12 @@ __all__ = [
 CACHE_DIR = "_tki_cache"
 """Under ``output_dir``: computed query embeddings, prior inputs and flashback continuations. ``push_to_hub``
 skips ``_*`` paths."""
+
+
+def cache_dir(args: Any) -> Path:
+    """Where a run keeps what it computed (`CACHE_DIR` under ``args.output_dir``)."""
+    return Path(args.output_dir) / CACHE_DIR
+
 
 query_encoder = functools.lru_cache(maxsize=1)(load_query_encoder)
 """A query encoder by name (``"embedded"`` or a sentence-transformers name), loaded once per process."""
@@ -204,10 +211,13 @@ def query_text_of(args: Any, processing_class: Any, formatting_func: Any = None)
     return text_of
 
 
-def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datasets: list[Any]) -> PeftConfig | None:
+def adapter_config(
+    model: Any, args: Any, peft_config: PeftConfig | None, datasets: list[Any], **bank: Any
+) -> PeftConfig | None:
     """The adapter the trainer builds (None: ``model`` already holds one, or no adapter: every parameter trains, as
-    in SFTTrainer). With ``lta`` a TKI adapter: the given one, or one built from a `LoraConfig` (logged), its
-    ``key_dim`` from the query embeddings the ``datasets`` hold or from the encoder; without, the given config."""
+    in SFTTrainer). With ``lta`` a TKI adapter: the given one, or one built from a `LoraConfig` (logged) with the
+    ``bank`` fields of `LatentLoraConfig` given here, its ``key_dim`` from the query embeddings the ``datasets`` hold
+    or from the encoder; without, the given config."""
     if isinstance(model, PeftModel):
         if args.lta and not any(isinstance(m, TKIModel) for m in model.modules()):
             raise ValueError(
@@ -241,8 +251,9 @@ def adapter_config(model: Any, args: Any, peft_config: PeftConfig | None, datase
     if given:
         key_dim, encoder = len(next(iter(given[0]))[args.query_embedding_column]), None
     else:
-        key_dim, encoder = query_encoder(args.query_encoder).get_embedding_dimension(), args.query_encoder
-    bank = dict(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
+        key_dim = query_encoder(args.query_encoder).get_embedding_dimension()
+        encoder = query_encoder_name(args.query_encoder)
+    bank.update(key_dim=key_dim, encoder_name=encoder, encoder_dim=key_dim if encoder else None)
     built = LatentLoraConfig.from_lora_config(peft_config, **bank)
     logger.info(
         "lta=True: training a TKI adapter with the shared LoRA (r=%d, alpha=%g, on %s) and a bank of C=%d x Q=%d "
@@ -325,7 +336,7 @@ def prepare_rows(
         query_column=args.query_embedding_column,
         group_column=args.group_id_column,
         id_column=args.id_column,
-        cache_dir=os.path.join(args.output_dir, CACHE_DIR, "queries"),
+        cache_dir=cache_dir(args) / "queries",
         text_of=text_of,
     )
 

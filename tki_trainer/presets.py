@@ -99,21 +99,29 @@ def shared_lora_config(preset: str = "paper", **overrides: Any) -> LoraConfig:
     )
 
 
-def latent_lora_config(preset: str = "paper", *, key_dim: int, **overrides: Any) -> LatentLoraConfig:
-    """A preset's TKI adapter: its shared LoRA plus its bank, keyed by ``key_dim``-dimensional queries."""
+def latent_bank(preset: str = "paper", **overrides: Any) -> dict[str, Any]:
+    """A preset's latent bank as `LatentLoraConfig` fields, without the query width (which the encoder sets)."""
     values = {name: value for name, (value, _) in PRESETS[preset].items()}
     values.update(overrides)
+    return {
+        "latent_r": values["latent_r"],
+        "latent_alpha": values["latent_alpha"],
+        "latent_target_modules": _modules(values["latent_target_modules"]),
+        "num_groups": values["num_groups"],
+        "keys_per_group": values["keys_per_group"],
+        "top_k": values["top_k"],
+    }
+
+
+def latent_lora_config(preset: str = "paper", *, key_dim: int, **overrides: Any) -> LatentLoraConfig:
+    """A preset's TKI adapter: its shared LoRA plus its bank, keyed by ``key_dim``-dimensional queries."""
+    encoder = overrides.get("encoder_name")
     return LatentLoraConfig.from_lora_config(
         shared_lora_config(preset, **overrides),
-        latent_r=values["latent_r"],
-        latent_alpha=values["latent_alpha"],
-        latent_target_modules=_modules(values["latent_target_modules"]),
-        num_groups=values["num_groups"],
-        keys_per_group=values["keys_per_group"],
-        top_k=values["top_k"],
+        **latent_bank(preset, **overrides),
         key_dim=key_dim,
-        encoder_name=values.get("encoder_name"),
-        encoder_dim=key_dim if values.get("encoder_name") else None,
+        encoder_name=encoder,
+        encoder_dim=key_dim if encoder else None,
     )
 
 

@@ -5,7 +5,7 @@ from .formats import as_conversational, messages_to_prompt_completion
 from .local import load_local
 from .p3 import group_references, load_p3
 from .queries import add_query_embeddings
-from .sampling import balanced_subset
+from .sampling import balanced_subset, fitted_subset
 from .sni import SniFitReport, fit_sni_prompts, load_sni, sni_from_hub_rows, sni_splits
 from .tokenization import tokenize_row
 from .truncation import FitReport, fit_prompts
@@ -19,6 +19,7 @@ __all__ = [
     "balanced_subset",
     "fit_prompts",
     "fit_sni_prompts",
+    "fitted_subset",
     "group_references",
     "load_bigbench",
     "load_local",

@@ -108,9 +108,7 @@ def load_sni(
         if not path.is_file():
             raise ValueError(f"No task file {path}: check the task name and the natural-instructions checkout.")
         data = json.loads(path.read_text())
-        instances = data["Instances"]
-        if len(instances) > max_instances:
-            instances = random.Random(f"{seed}-{task}").sample(instances, max_instances)
+        instances = _at_most(data["Instances"], task, max_instances, seed)
         definition = " ".join(data["Definition"])
         all_examples = [{"input": e["input"], "output": e["output"]} for e in data["Positive Examples"]]
         examples = all_examples[:num_positive]
@@ -135,12 +133,31 @@ def load_sni(
     return as_conversational(dataset) if conversational else dataset
 
 
-def sni_from_hub_rows(dataset: Dataset, *, conversational: bool = False) -> Dataset:
+def _at_most(instances: list, task: str, max_instances: int | None, seed: int) -> list:
+    """At most ``max_instances`` of one task's instances, drawn with a seed of its own (``seed`` and the task name),
+    so a task's draw does not depend on which other tasks are loaded."""
+    if max_instances is None or len(instances) <= max_instances:
+        return instances
+    return random.Random(f"{seed}-{task}").sample(instances, max_instances)
+
+
+def sni_from_hub_rows(
+    dataset: Dataset, *, max_instances: int | None = None, seed: int = 0, conversational: bool = False
+) -> Dataset:
     """Rows of the common Hub copies of SNI (``task_name``, ``id``, ``definition``, ``inputs``, ``targets``) as
-    prompt/completion rows; those copies carry no positive examples (nor categories)."""
+    prompt/completion rows; those copies carry no positive examples (nor categories). ``max_instances``: at most that
+    many seeded rows per task, drawn as `load_sni` draws a task file's instances (tasks in order of first appearance,
+    each task's rows together)."""
     missing = {"task_name", "id", "definition", "inputs", "targets"} - set(dataset.column_names)
     if missing:
         raise ValueError(f"SNI Hub rows need the columns {sorted(missing)}; this dataset has {dataset.column_names}.")
+    if max_instances is not None:
+        members: dict[str, list[int]] = {}
+        for index, task in enumerate(dataset["task_name"]):
+            members.setdefault(task, []).append(index)
+        dataset = dataset.select(
+            [index for task, rows in members.items() for index in _at_most(rows, task, max_instances, seed)]
+        )
     converted = dataset.map(
         lambda row: {
             "task": row["task_name"],

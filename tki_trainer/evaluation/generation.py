@@ -11,6 +11,7 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
+from ..modes import evaluation_mode
 from ..tuner.model import TKIModel, route
 
 
@@ -64,32 +65,30 @@ def generate_answers(
     if pad_token is None:  # Llama-3's tokenizers have none; left padding is masked, so end-of-sequence serves
         tokenizer.pad_token = tokenizer.eos_token
     answers = [""] * len(texts)
-    was_training = model.training
-    model.eval()
     device = next(model.parameters()).device
+    by_group: dict[str, list[int]] = defaultdict(list)
+    for i in order:
+        by_group[groups[i]].append(i)
+    batches = [rows[i : i + batch_size] for rows in by_group.values() for i in range(0, len(rows), batch_size)]
     try:
-        by_group: dict[str, list[int]] = defaultdict(list)
-        for i in order:
-            by_group[groups[i]].append(i)
-        batches = [rows[i : i + batch_size] for rows in by_group.values() for i in range(0, len(rows), batch_size)]
-        for batch in tqdm(batches, desc="Generating answers"):
-            inputs = tokenizer(
-                [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
-            ).to(device)
-            queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
-            with route(model, queries) if routed else contextlib.nullcontext():
-                output = model.generate(
-                    **inputs,
-                    max_new_tokens=budget[groups[batch[0]]],
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                    eos_token_id=tokenizer.eos_token_id,
-                )
-            for i, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :]):
-                answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
+        with evaluation_mode(model):
+            for batch in tqdm(batches, desc="Generating answers"):
+                inputs = tokenizer(
+                    [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
+                ).to(device)
+                queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
+                with route(model, queries) if routed else contextlib.nullcontext():
+                    output = model.generate(
+                        **inputs,
+                        max_new_tokens=budget[groups[batch[0]]],
+                        do_sample=False,
+                        pad_token_id=tokenizer.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                    )
+                for i, ids in zip(batch, output[:, inputs["input_ids"].shape[1] :]):
+                    answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     finally:
         tokenizer.padding_side = padding_side
         if pad_token is None:
             tokenizer.pad_token = None
-        model.train(was_training)
     return answers

@@ -18,6 +18,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..data.tokenization import tokenize_row, truncate_row
 from ..logits import logits_at
+from ..modes import evaluation_mode
 from ..reinstatement.stage1 import trl_pad_token_id
 from ..tuner.model import TKIModel, route
 
@@ -52,10 +53,8 @@ def completion_nll(
     collator = DataCollatorForLanguageModeling(pad_token_id=trl_pad_token_id(tokenizer))
     order = sorted(range(len(rows)), key=lambda i: len(rows[i].input_ids))
     device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     losses = [0.0] * len(rows)
-    try:
+    with evaluation_mode(model):
         for start in tqdm(range(0, len(order), batch_size), desc="Scoring reference answers"):
             batch = order[start : start + batch_size]
             examples = [
@@ -78,6 +77,4 @@ def completion_nll(
             per_row = summed / labelled.sum(dim=1)
             for i, value in zip(batch, per_row.tolist()):
                 losses[i] = value
-    finally:
-        model.train(was_training)
     return losses

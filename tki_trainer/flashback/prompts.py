@@ -98,9 +98,9 @@ class FlashbackBatch:
 class Flashbacks:
     """The flashback sequences of a run and the seeded order they are drawn in.
 
-    Draw ``n`` of process ``rank`` (of ``world``) takes the next ``per_step`` rows of one stream of seeded
-    permutations of the set (epoch ``e`` seeded with ``seed + e``, as accelerate's seedable sampler does), so the
-    processes see disjoint rows and a resumed run draws what the interrupted one would have drawn.
+    Draw number ``index`` of process ``rank`` (of ``world``) takes the next ``per_step`` rows of one stream of
+    seeded permutations of the set (epoch ``e`` seeded with ``seed + e``, as accelerate's seedable sampler does), so
+    the processes see disjoint rows and a resumed run draws what the interrupted one would have drawn.
     """
 
     def __init__(
@@ -129,8 +129,8 @@ class Flashbacks:
     def __len__(self) -> int:
         return len(self.token_ids)
 
-    def rows(self, draw: int, rank: int = 0, world: int = 1) -> list[int]:
-        start = (draw * world + rank) * self.per_step
+    def rows(self, index: int, rank: int = 0, world: int = 1) -> list[int]:
+        start = (index * world + rank) * self.per_step
         positions = range(start, start + self.per_step)
         permutations = {}
         for epoch in {p // len(self) for p in positions}:
@@ -150,8 +150,8 @@ class Flashbacks:
         groups = None if self.group_ids is None else self.group_ids[pick].to(device)
         return FlashbackBatch(input_ids.to(device), attention_mask.to(device), queries, groups, self.bank)
 
-    def draw(self, draw: int, rank: int, world: int, device: torch.device | str) -> FlashbackBatch:
-        return self.batch(self.rows(draw, rank, world), device)
+    def draw(self, index: int, rank: int, world: int, device: torch.device | str) -> FlashbackBatch:
+        return self.batch(self.rows(index, rank, world), device)
 
 
 def tokenize_flashbacks(tokenizer: Any, prompts: list[Any], max_length: int | None) -> list[list[int]]:

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from torch import nn
 
+from ..modes import evaluation_mode
 from ..tuner import LatentLoraConfig
 
 
@@ -20,17 +21,6 @@ def starts_as_identity(config: PeftConfig | None) -> bool:
     if isinstance(config, LatentLoraConfig):
         return True
     return isinstance(config, LoraConfig) and config.init_lora_weights in (True, "gaussian")
-
-
-@contextmanager
-def evaluation_mode(model: nn.Module) -> Iterator[None]:
-    """The model in eval mode inside the block (no dropout, so no draw from the random number generator)."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 class Reference:
@@ -52,6 +42,11 @@ class Reference:
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]
         self._snapshot = [(p, p.detach().clone()) for p in trainable] if snapshot else None
+
+    @property
+    def copies_weights(self) -> bool:
+        """Whether the reference is a copy of the adapter's weights (else the model with its adapters off)."""
+        return self._snapshot is not None
 
     @contextmanager
     def active(self) -> Iterator[None]:

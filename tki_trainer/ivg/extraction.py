@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from ..flashback.reference import evaluation_mode
+from ..modes import evaluation_mode
 from .activations import task_activations
 from .config import ACTIVATION_SETTINGS, EFFECT_SETTINGS, IVConfig
 from .effects import causal_effects

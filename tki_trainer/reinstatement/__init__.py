@@ -1,6 +1,7 @@
 """Knowledge reinstatement: stage 1 (optimised prior inputs) and their store."""
 
-from .stage1 import PriorInputConfig, PriorInputs, compute_prior_inputs, optimize_prior_inputs
+from .settings import PriorInputConfig
+from .stage1 import PriorInputs, compute_prior_inputs, optimize_prior_inputs
 from .store import PriorInputStore
 
 

@@ -16,8 +16,7 @@ import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
-from typing import Literal
+from dataclasses import dataclass
 
 import ot
 import torch
@@ -28,13 +27,14 @@ from peft import PeftModel
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
-from trl import SFTConfig
 from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
 from ..data.formats import check_prompt_completion_rows, check_text_ids
 from ..data.tokenization import TEMPLATE_COLUMNS, template_arguments, tokenize_row, truncate_row
 from ..logits import logits_at
+from ..modes import evaluation_mode
 from .fingerprint import prompt_hash
+from .settings import DEFAULT_MAX_LENGTH, PriorInputConfig
 from .store import PriorInputStore
 
 
@@ -44,61 +44,6 @@ EMPTY_PROMPT_FIX = (
     "knowledge reinstatement optimises the prompt's token embeddings, so every row needs at least one prompt token; "
     "give these rows a prompt or drop them from the dataset."
 )
-
-
-@dataclass
-class PriorInputConfig:
-    """Settings of stage 1. The defaults cut the mean completion cross-entropy of the embedded model on P3 rows
-    by about 38% (|q-e|/|e| about 1%; bench/results/prepare_speed.md); `PriorInputConfig.paper()` is the paper's
-    setting, which barely moves ``q`` (CE lower by well under 1%), so reinstatement then does nothing. ``W`` is
-    second order in ``q - e`` (zero gradient at ``q = e``), so at ``|lam|`` of order 1 its sign barely matters: the
-    stage reports the ratio of the W gradient's norm to the CE gradient's."""
-
-    steps: int = field(default=5, metadata={"help": "Stage-1 Adam steps per example."})
-    learning_rate: float = field(default=3e-4, metadata={"help": "Stage-1 Adam learning rate."})
-    wasserstein_weight: float = field(
-        default=-1.0,
-        metadata={
-            "help": "lam: weight of W(q, e) in stage 1. -1, the paper's eq. 5 as written, pushes q away from the "
-            "prompt; > 0 keeps q near it; 0 leaves W out."
-        },
-    )
-    wasserstein: Literal["emd", "sinkhorn"] = field(
-        default="emd", metadata={"help": "How W(q, e) is computed: 'emd' (exact) or 'sinkhorn'."}
-    )
-    sinkhorn_reg: float = field(default=0.05, metadata={"help": "Entropic regularisation of 'sinkhorn'."})
-    batch_size: int = field(
-        default=8, metadata={"help": "Examples optimised together in stage 1; does not change the results."}
-    )
-
-    def __post_init__(self) -> None:
-        if self.steps < 1 or self.batch_size < 1:
-            raise ValueError("PriorInputConfig.steps and batch_size must be at least 1.")
-        if self.wasserstein not in ("emd", "sinkhorn"):
-            raise ValueError(f"wasserstein must be 'emd' (exact) or 'sinkhorn', got {self.wasserstein!r}.")
-        if self.learning_rate < 0:
-            raise ValueError(
-                f"learning_rate={self.learning_rate}: stage 1 descends its objective, so the rate must be >= 0 (0 keeps "
-                "q = e)."
-            )
-        if self.wasserstein == "sinkhorn" and self.wasserstein_weight and self.sinkhorn_reg <= 0:
-            raise ValueError(
-                f"sinkhorn_reg={self.sinkhorn_reg}: Sinkhorn's entropic regularisation must be > 0 (at 0 it divides by "
-                "zero); use a positive sinkhorn_reg, or wasserstein='emd' for the exact distance."
-            )
-        if self.wasserstein_weight < -1.0:
-            raise ValueError(
-                f"wasserstein_weight={self.wasserstein_weight}: a negative weight pushes q away from e and is bounded "
-                "at -1 so that the objective stays bounded below over the steps; use a value in [-1, inf)."
-            )
-
-    @classmethod
-    def paper(cls) -> PriorInputConfig:
-        """The TKI paper's stage 1: 3 epochs (steps per example) at lr 5e-6."""
-        return cls(steps=3, learning_rate=5e-6)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 @dataclass
@@ -205,10 +150,6 @@ def optimize_prior_inputs(
     return PriorInputs(q, original, ce_initial, ce_final, relative, ratio.detach())
 
 
-DEFAULT_MAX_LENGTH: int = SFTConfig.__dataclass_fields__["max_length"].default
-"""``max_length`` of `SFTConfig`, which `TKIConfig` inherits."""
-
-
 def trl_pad_token_id(tokenizer: PreTrainedTokenizerBase) -> int:
     """The padding id `SFTTrainer` collates with: the tokenizer's pad token, else its end-of-sequence token (padding
     enters no loss, but the same batches make the same numbers)."""
@@ -278,10 +219,8 @@ def compute_prior_inputs(
 
     device = next(model.parameters()).device
     collator = DataCollatorForLanguageModeling(pad_token_id=pad_token_id)
-    was_training = model.training
-    model.eval()
     progress = tqdm(total=len(pending), desc="KR stage 1: prior inputs", disable=not state.is_local_main_process)
-    try:
+    with evaluation_mode(model), progress:
         for start in range(0, len(pending), config.batch_size):
             batch = pending[start : start + config.batch_size]
             collated = collator(
@@ -323,9 +262,6 @@ def compute_prior_inputs(
             progress.set_postfix(
                 ce=f"{summary['ce_initial']:.3f}->{summary['ce_final']:.3f}", rel=f"{summary['relative_change']:.1e}"
             )
-    finally:
-        progress.close()
-        model.train(was_training)
     state.wait_for_everyone()
     store = PriorInputStore(output_dir)
     logger.info("KR stage 1 done: %s", store.summary())
@@ -350,13 +286,8 @@ def on_the_fly_deltas(model: nn.Module, inputs: dict[str, torch.Tensor], config:
     `compute_prior_inputs` runs it): ``q - e`` [batch, prompt_tokens, hidden], for ``prior_inputs_mode="on_the_fly"``."""
     labels = inputs["labels"]
     prompt_lengths = (labels != -100).int().argmax(dim=1)
-    was_training = model.training
-    model.eval()
-    try:
-        with adapters_disabled(model), torch.enable_grad():
-            result = optimize_prior_inputs(
-                model, inputs["input_ids"], inputs["attention_mask"], labels, prompt_lengths, config
-            )
-    finally:
-        model.train(was_training)
+    with evaluation_mode(model), adapters_disabled(model), torch.enable_grad():
+        result = optimize_prior_inputs(
+            model, inputs["input_ids"], inputs["attention_mask"], labels, prompt_lengths, config
+        )
     return (result.embeddings - result.initial).detach()

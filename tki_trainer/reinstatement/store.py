@@ -21,7 +21,6 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import torch
 from safetensors import safe_open
@@ -31,29 +30,11 @@ from transformers import PreTrainedTokenizerBase
 
 from .._io import staged_directory
 from .fingerprint import model_fingerprint, tokenizer_fingerprint
-
-
-if TYPE_CHECKING:
-    from .stage1 import PriorInputConfig
+from .settings import RESULT_SETTINGS, PriorInputConfig, result_settings
 
 
 INDEX = "store.json"
 FORMAT_VERSION = 1
-RESULT_SETTINGS = ("steps", "learning_rate", "wasserstein_weight", "wasserstein", "sinkhorn_reg")
-"""The stage-1 settings that change the prior inputs. Not ``batch_size``: the examples of a batch are optimised
-independently (their objectives add up, Adam is elementwise), and padding enters neither the loss nor, under the
-attention mask, the other tokens. Not ``max_length``: the trainer checks the prompt spans themselves."""
-
-
-def result_settings(settings: dict) -> dict:
-    """The `RESULT_SETTINGS` of a stage-1 settings dict, without those the others make irrelevant (the Wasserstein
-    method at weight 0, the Sinkhorn regularisation with the exact method)."""
-    relevant = {key: settings.get(key) for key in RESULT_SETTINGS}
-    if not relevant["wasserstein_weight"]:
-        del relevant["wasserstein"], relevant["sinkhorn_reg"]
-    elif relevant["wasserstein"] != "sinkhorn":
-        del relevant["sinkhorn_reg"]
-    return relevant
 
 
 @dataclass(frozen=True)

@@ -1,66 +1,32 @@
-"""PCGrad (Yu et al., 2020) between the training objectives, exact under gradient accumulation and data parallelism.
+"""Per-objective gradient sums of one effective batch, exact under gradient accumulation and data parallelism.
 
 Each objective's gradient (SFT, reinstatement, flashback divergence: whichever are active) is accumulated on its
 own over the micro-batches of an effective batch; once the effective batch is complete (and, on several
-processes, the sums are all-reduced) they are projected once: each gradient, wherever it conflicts with another
-(``g_i . g_j < 0``), is projected onto that one's normal plane, and the update is their sum. Latent banks have
+processes, the sums are all-reduced) they are projected once by PCGrad (`pcgrad.project`): each gradient,
+wherever it conflicts with another (``g_i . g_j < 0``), is projected onto that one's normal plane, and the update
+is their sum. Latent banks have
 row-sparse gradients and are accumulated on the rows the batch retrieved only, so the cost does not grow with the
 bank size.
 
-With one objective the accumulator only reduces: it is the all-reduce of row-sparse gradients that DDP's own
+With one objective the sums are only reduced: it is the all-reduce of row-sparse gradients that DDP's own
 bucketed reduction cannot do.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
+from .pcgrad import Projection, project
+
 
 DENSE, ABSENT = "dense", "absent"
-"""How `PCGradAccumulator` reduces a parameter that is not row-sparse: in full, or not at all (no gradient)."""
+"""How `ObjectiveGradients` reduces a parameter that is not row-sparse: in full, or not at all (no gradient)."""
 
 
-@dataclass
-class Projection:
-    """What one projection saw: the cosine of every pair of objectives' gradients ([objectives, objectives]; 0
-    where a gradient is zero)."""
-
-    cosines: torch.Tensor
-
-    def cosine(self, i: int = 0, j: int = 1) -> float:
-        return float(self.cosines[i, j])
-
-    @property
-    def conflict(self) -> bool:
-        """Whether some pair of gradients conflicted (and was projected)."""
-        return bool((self.cosines < 0).any())
-
-
-def project(gradients: torch.Tensor) -> tuple[torch.Tensor, Projection]:
-    """The PCGrad update of flat gradients ``[objectives, size]``: each ``g_i``, in turn projected onto the normal
-    plane of every original ``g_j`` it conflicts with, then summed. The ``j`` are visited in index order (Yu et al.
-    draw a random order; a fixed one gives every process and every rerun the same update); with two objectives the
-    order does not matter."""
-    dots = gradients @ gradients.T
-    norms = dots.diagonal().sqrt()
-    cosines = dots / torch.outer(norms, norms).clamp(min=1e-30)
-    projected = gradients.clone()
-    count = len(gradients)
-    for i in range(count):
-        for j in range(count):
-            if i == j or norms[j] == 0:
-                continue
-            dot = torch.dot(projected[i], gradients[j])
-            if dot < 0:
-                projected[i] -= dot / dots[j, j] * gradients[j]
-    return projected.sum(dim=0), Projection(cosines.cpu())
-
-
-class PCGradAccumulator:
+class ObjectiveGradients:
     """Per-objective gradient sums over the trainable parameters of one effective batch.
 
     Row-sparse gradients (the latent banks') are kept as their (rows, values) pieces and assembled on the union of

@@ -1,7 +1,7 @@
 """Per-example gradient capture: from one backward, also the gradient of a weighted subset of the batch.
 
-PCGrad needs, for a micro-batch where some examples have the prior input as the harder one and others the real
-prompt, the SFT gradient of the whole batch and the reinstatement gradient through the real prompt of the second
+PCGrad needs, for a micro-batch where some examples' reinstatement term goes through the prior input and others'
+through the real prompt, the SFT gradient of the whole batch and the reinstatement gradient through the real prompt of the second
 group only. Both come from the same backward through the real-prompt graph: an adapter's trainable parameters
 are the weights of bias-free linear maps (LoRA's ``A`` and ``B``) and the rows of latent banks gathered per
 example, and each one's gradient is a sum over examples of products of what the layer saw and the gradient of
@@ -16,10 +16,10 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .tuner.layer import TKILayer
+from ..tuner.layer import TKILayer
 
 
-class SubsetGradients:
+class GradientCapture:
     """Records, during a forward, what one backward needs to also produce ``sum_i weights[i] * grad_i`` for every
     trainable parameter (``grad_i``: example ``i``'s share of the backward's gradient).
 

@@ -1,4 +1,4 @@
-"""``tki-prepare``: everything TKI computes before training, in one resumable command.
+"""The command line. ``tki-prepare``: everything TKI computes before training, in one resumable command.
 
 Loads prompt/completion rows, fits them into ``max_length`` (prompts cut from the left), adds query
 embeddings, and runs knowledge-reinstatement stage 1. Writes ``<output_dir>/dataset`` (Arrow, with the
@@ -13,18 +13,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-import torch
 from accelerate import PartialState
 from datasets import Dataset, load_from_disk
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser
+from transformers import HfArgumentParser
 
 from ._io import staged_file
 from .config import PriorInputArguments
 from .data import add_query_embeddings, fit_prompts, load_local, load_p3
-from .embedded import load_embedded_model
+from .embedded import load_model
 from .preparation import as_prompt_completion, query_encoder, with_ids
 from .reinstatement import compute_prior_inputs
-from .reinstatement.stage1 import DEFAULT_MAX_LENGTH
+from .reinstatement.settings import DEFAULT_MAX_LENGTH
 
 
 @dataclass
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     state = PartialState()
     output_dir = Path(args.output_dir)
     check_dataset_arguments(output_dir / "dataset", args)
-    if args.model == "embedded":
-        model, tokenizer = load_embedded_model()
-    else:
-        model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    model, tokenizer = load_model(args.model)
     model.to(state.device)
 
     dataset_dir = output_dir / "dataset"

@@ -1,0 +1,78 @@
+"""The shape of an auxiliary training objective, and the registry `TKITrainer` builds its objectives from.
+
+An objective adds a term to SFTTrainer's loss. It is either *in-batch* (its term comes from the micro-batch the
+Trainer trains on and that forward's outputs: knowledge reinstatement) or brings *its own micro-batch* after the
+Trainer's (flashbacks). Its gradient goes through the `GradientEngine`, which keeps it apart for PCGrad. Adding an
+objective is a class with this face in its own package, the config fields it reads, and one line in
+`objectives.OBJECTIVES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from peft import PeftConfig
+
+from .gradients import GradientEngine
+
+
+if TYPE_CHECKING:
+    from .trainer import TKITrainer
+
+
+@dataclass
+class MicroBatch:
+    """What an in-batch objective sees of a training micro-batch, after the Trainer's forward."""
+
+    model: torch.nn.Module
+    inputs: dict[str, Any]
+    outputs: Any
+    """The forward's fused outputs (per-token log-probabilities of the labels)."""
+    example_ids: list[str] | None
+    num_items_in_batch: Any
+
+
+class TrainingObjective:
+    """One auxiliary objective of `TKITrainer`.
+
+    ``name`` names its gradient for PCGrad (and PCGrad's cosine metrics). `prepare` runs before SFTTrainer's
+    construction, where every check that can fail should run (before the model is wrapped and rows tokenized); it
+    returns what the objective is built from, or None when the arguments leave it off.
+    """
+
+    name: ClassVar[str]
+    in_batch: ClassVar[bool] = False
+    """Whether its term comes from the Trainer's micro-batch (`loss`) rather than its own (`own_step`)."""
+    paper: ClassVar[dict[str, str]] = {}
+    """The objective's paper (``title``, ``citation``), cited on the card when it trained; TKI's own are not."""
+    needs_example_ids: bool = False
+    """Whether the collator must pass each row's id (to `loss`, in `MicroBatch.example_ids`)."""
+
+    def __init__(self, trainer: TKITrainer, prepared: Any) -> None:
+        self.trainer = trainer
+
+    @classmethod
+    def prepare(
+        cls, args: Any, *, model: Any, peft_config: PeftConfig | None, train_dataset: Any, sources: dict[str, Any]
+    ) -> Any:
+        """What this objective is built from, checked; None when ``args`` (or ``sources``) leave it off."""
+        raise NotImplementedError
+
+    def loss(self, batch: MicroBatch, engine: GradientEngine) -> torch.Tensor:
+        """In-batch objectives: the weighted term added to the Trainer's loss (``engine.projects``: its gradient
+        taken or declared through ``engine`` instead)."""
+        raise NotImplementedError
+
+    def own_step(self, model: torch.nn.Module, engine: GradientEngine) -> torch.Tensor:
+        """Own-batch objectives: one micro-batch's forward and backward (through ``engine``), after the Trainer's.
+        Returns the weighted term on the scale of the Trainer's logged ``loss``."""
+        raise NotImplementedError
+
+    def end_of_step(self) -> None:
+        """Called once per optimizer step, after the gradients are reduced."""
+
+    def card_text(self) -> str | None:
+        """What the model card says of this objective's training."""
+        return None
