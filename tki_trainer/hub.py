@@ -240,17 +240,14 @@ def repo_id_of(trainer: Any, model_name: str | None = None) -> str:
 
 def push_trainer(
     trainer: Any,
-    *,
     commit_message: str,
-    token: str | None,
-    revision: str | None,
-    private: bool | None,
+    hub_settings: dict[str, Any],
     prior_inputs: bool,
     plain_lora_query: torch.Tensor | None,
     card: dict[str, Any],
 ) -> CommitInfo | None:
     """`TKITrainer.push_to_hub`: save, write the card (``card``: `create_model_card`'s arguments) and upload
-    through `push_adapter`, with the arguments' Hub settings where the call gives none."""
+    through `push_adapter`; ``hub_settings`` (``token``, ``revision``, ``private``) fall back to the arguments'."""
     store = next((o.store for o in trainer.objectives if getattr(o, "store", None) is not None), None)
     if prior_inputs and store is None:
         raise ValueError(
@@ -269,10 +266,14 @@ def push_trainer(
     return push_adapter(
         args.output_dir,
         repo_id_of(trainer),
-        token=token if token is not None else args.hub_token,
-        revision=revision if revision is not None else args.hub_revision,
-        private=private if private is not None else args.hub_private_repo,
+        token=_given(hub_settings["token"], args.hub_token),
+        revision=_given(hub_settings["revision"], args.hub_revision),
+        private=_given(hub_settings["private"], args.hub_private_repo),
         commit_message=commit_message,
         prior_inputs=store.path if prior_inputs else None,
         plain_lora=plain_lora,
     )
+
+
+def _given(value: Any, default: Any) -> Any:
+    return default if value is None else value

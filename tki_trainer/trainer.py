@@ -261,15 +261,9 @@ class TKITrainer(SFTTrainer):
         ``prior_inputs=True`` adds the prior-input store under ``prior_inputs/``; ``plain_lora_query`` adds
         `export_lora`'s plain LoRA for that query under ``plain_lora/``. ``kwargs`` go to `create_model_card`. The
         upload is always blocking."""
+        hub_settings = {"token": token, "revision": revision, "private": private}
         return hub.push_trainer(
-            self,
-            commit_message=commit_message or "End of training",
-            token=token,
-            revision=revision,
-            private=private,
-            prior_inputs=prior_inputs,
-            plain_lora_query=plain_lora_query,
-            card=kwargs,
+            self, commit_message or "End of training", hub_settings, prior_inputs, plain_lora_query, kwargs
         )
 
 
