@@ -24,9 +24,11 @@ def flashback_rows() -> Dataset:
 
 
 def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: bool, pcgrad: bool, flashbacks: str,
-         target: str = "easier"):  # fmt: skip
+         target: str = "easier", vector: str | None = None):  # fmt: skip
     """``flashbacks``: "no-flashbacks", "flashbacks", "continued-flashbacks" (over 3 tokens of the reference's
-    continuation too), or "silent-flashbacks" (drawn and measured, weight 0); ``target``: the reading of eq. 6."""
+    continuation too), or "silent-flashbacks" (drawn and measured, weight 0); ``target``: the reading of eq. 6;
+    ``vector``: an instruction vector's directory, for instruction-vector guidance."""
+    guidance = {} if vector is None else {"ivg_vector": vector, "ivg_kl_weight": 1.0, "ivg_kl_hinge": 0.0}
     with_flashbacks = flashbacks != "no-flashbacks"
     settings = common(
         Path(output_dir), "run", max_steps=3 if with_flashbacks else 2, per_device_train_batch_size=batch,
@@ -37,16 +39,13 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
         **settings, prior_inputs_dir=store_dir if kr else None, prior_inputs_learning_rate=0.0, kr=kr, pcgrad=pcgrad,
         flashbacks_per_step=batch, flashback_weight=0.0 if flashbacks == "silent-flashbacks" else 1.0,
         flashback_continuation_tokens=3 if flashbacks == "continued-flashbacks" else 0, reinstatement_target=target,
+        **guidance,
     )  # fmt: skip
     trainer = TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(),
                          peft_config=tki_config(), flashback_dataset=flashback_rows() if with_flashbacks else None)  # fmt: skip
     if with_flashbacks:
-        assert (
-            len(
-                {len(ids) for ids in next(o for o in trainer.objectives if o.name == "flashback").flashbacks.token_ids}
-            )
-            > 1
-        ), "the flashbacks must differ in length"
+        drawn = next(o for o in trainer.objectives if o.name == "flashback").flashbacks
+        assert len({len(ids) for ids in drawn.token_ids}) > 1, "the flashbacks must differ in length"
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")
@@ -54,5 +53,5 @@ def main(output_dir: str, store_dir: str, batch: int, accumulation: int, kr: boo
 
 
 if __name__ == "__main__":
-    output, store, batch, accumulation, kr, pcgrad, flashbacks, target = sys.argv[1:]
-    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks, target)
+    output, store, batch, accumulation, kr, pcgrad, flashbacks, target, *vector = sys.argv[1:]
+    main(output, store, int(batch), int(accumulation), kr == "kr", pcgrad == "pcgrad", flashbacks, target, *vector)

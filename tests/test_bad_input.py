@@ -10,7 +10,7 @@ from peft import LoraConfig
 from conftest import tiny_llama, tiny_tokenizer, tki_config
 from test_trainer import common, rows
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.trainer import CACHE_DIR
+from tki_trainer.preparation import CACHE_DIR
 
 
 def with_queries(transform):

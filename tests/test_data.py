@@ -8,9 +8,11 @@ from trl import SFTConfig, SFTTrainer
 
 from conftest import tiny_llama, tiny_tokenizer
 from tki_trainer.data import (
+    FitReport,
     add_query_embeddings,
     balanced_subset,
     fit_prompts,
+    fitted_subset,
     load_bigbench,
     load_local,
     load_p3,
@@ -208,3 +210,19 @@ def test_a_balanced_subset_takes_every_value_in_turn_and_keeps_the_rows_as_they_
     assert subset["id"] == balanced_subset(rows, "task", 8, seed=3)["id"]
     assert subset["id"] != balanced_subset(rows, "task", 8, seed=4)["id"]
     assert balanced_subset(rows, "task", None)["id"] == rows["id"] == balanced_subset(rows, "task", 99)["id"]
+
+
+def test_fitted_subset_fits_rows_as_conversations_then_balances_those_that_fit():
+    rows = Dataset.from_list(
+        [{"id": f"{task}-{i}", "task": task, "prompt": "word " * 200 * (i == 0) + f"Q{i}?", "completion": "A."}
+         for task in "ab" for i in range(4)]
+    )  # fmt: skip
+    fitted, report = fitted_subset(rows, tiny_tokenizer(), 64)
+    assert isinstance(report, FitReport) and (report.kept, report.truncated, report.dropped) == (6, 2, 0)
+    assert fitted["id"] == rows["id"] and fitted[0]["prompt"][0]["role"] == "user"
+    assert fitted[0]["prompt"][0]["content"].endswith("Q0?") and len(fitted[0]["prompt"][0]["content"]) < 1000
+    again, _ = fitted_subset(fitted, tiny_tokenizer(), 64)
+    assert again["prompt"] == fitted["prompt"]
+    subset, _ = fitted_subset(rows, tiny_tokenizer(), 64, column="task", total=4, seed=1)
+    assert sorted(subset["task"]) == ["a", "a", "b", "b"]
+    assert subset["id"] == balanced_subset(fitted, "task", 4, seed=1)["id"]

@@ -8,7 +8,15 @@ import pytest
 from datasets import Dataset
 
 from conftest import tiny_tokenizer
-from tki_trainer.data import SniFitReport, fit_sni_prompts, load_sni, sni_from_hub_rows, sni_splits, tokenize_row
+from tki_trainer.data import (
+    SniFitReport,
+    fit_sni_prompts,
+    fitted_subset,
+    load_sni,
+    sni_from_hub_rows,
+    sni_splits,
+    tokenize_row,
+)
 from tki_trainer.data.sni import sni_prompt
 from tki_trainer.evaluation import HEURISTICS, heuristic_predictions, score_by, score_heuristics, side_by_side
 
@@ -190,6 +198,32 @@ def test_hub_rows_are_fitted_by_cutting_their_input():
     assert fitted[0]["prompt"][0]["content"].startswith(
         "Definition: Copy the sentence.\n\nNow complete the following example -"
     )
+
+
+def test_hub_rows_are_capped_per_task_as_a_checkout_is():
+    """The same instances per task as `load_sni` draws from the task files, whichever tasks the Hub copy holds."""
+    tasks = task_list("test")[:3]
+    hub = Dataset.from_list(
+        [
+            {"task_name": task, "id": instance["id"], "definition": " ".join(data["Definition"]),
+             "inputs": instance["input"], "targets": instance["output"][0]}
+            for task in tasks
+            for data in [task_file(task)]
+            for instance in data["Instances"]
+        ]
+    )  # fmt: skip
+    assert (
+        sni_from_hub_rows(hub, max_instances=5, seed=2)["id"] == load_sni(SLICE, tasks, max_instances=5, seed=2)["id"]
+    )
+    assert sni_from_hub_rows(hub)["id"] == hub["id"]
+
+
+def test_fitted_subset_fits_sni_rows_keeping_the_definition(test_rows):
+    rows = test_rows.select(range(0, len(test_rows), 25))
+    fitted, report = fitted_subset(rows, tiny_tokenizer(), 384, column="category", total=12)
+    assert isinstance(report, SniFitReport) and sum(vars(report).values()) == len(rows)
+    assert report.examples_dropped + report.instance_cut > 0 and len(fitted) == 12
+    assert all(row["prompt"][0]["content"].startswith(f"Definition: {row['definition']}") for row in fitted)
 
 
 def test_fitting_refuses_rows_it_cannot_rebuild(test_rows):
