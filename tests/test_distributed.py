@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from test_ivg_guidance import saved_vector
 from test_trainer import noisy_store
-from tki_trainer.trainer import CACHE_DIR
+from tki_trainer.preparation import CACHE_DIR
 
 
 HERE = Path(__file__).parent
@@ -40,6 +41,19 @@ def run(command, tmp_path):
     ],
 )
 def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad, accumulation, flashbacks, target):
+    check_two_processes_equal_one(tmp_path, kr, pcgrad, accumulation, flashbacks, target)
+
+
+@pytest.mark.parametrize("kr,pcgrad,accumulation", [("kr", "pcgrad", 1), ("no-kr", "no-pcgrad", 2)])
+def test_two_processes_equal_one_with_instruction_vector_guidance(tmp_path, kr, pcgrad, accumulation):
+    """The progressive intervention and the KL term (a mean over rows, each row's term whole) split over
+    processes and micro-batches as they are over one process's batch."""
+    check_two_processes_equal_one(
+        tmp_path, kr, pcgrad, accumulation, "no-flashbacks", "easier", [saved_vector(tmp_path)]
+    )
+
+
+def check_two_processes_equal_one(tmp_path, kr, pcgrad, accumulation, flashbacks, target, extra=()):
     """One process at micro-batch 4 against two at 2 (or at 1 with 2 accumulation steps): the same update, under
     either reading of eq. 6 (the noisy store makes some rows' prior input the easier input, others' the harder).
     Each micro-batch draws as many flashbacks as it has rows, so the flashbacks of a step are the same 4 either way;
@@ -47,12 +61,12 @@ def test_two_processes_train_the_same_adapter_as_one(tmp_path, kr, pcgrad, accum
     reads."""
     store = noisy_store(tmp_path, scale=0.5)
     script = str(HERE / "distributed_run.py")
-    run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1", kr, pcgrad, flashbacks, target],
-        tmp_path)  # fmt: skip
+    run([sys.executable, script, str(tmp_path / "one"), str(store.path), "4", "1", kr, pcgrad, flashbacks, target,
+         *extra], tmp_path)  # fmt: skip
     config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
     run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29537",
          script, str(tmp_path / "two"), str(store.path), str(2 // accumulation), str(accumulation), kr, pcgrad,
-         flashbacks, target], tmp_path)  # fmt: skip
+         flashbacks, target, *extra], tmp_path)  # fmt: skip
     one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
     two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
     assert one.keys() == two.keys()

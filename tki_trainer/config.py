@@ -136,6 +136,28 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             With `lta`: route flashbacks through the latent bank by their own queries and groups, jointly with the new
             rows (joint latent task learning); `False`: flashbacks bypass the bank (the ablation).
 
+        > Parameters that control instruction-vector guidance (IVG)
+
+        ivg_vector (`str`, *optional*):
+            Directory of an `InstructionVector` (`extract_instruction_vector`, `python -m tki_trainer.ivg`): guide
+            training with it (progressive intervention and the KL term). Unset: no guidance.
+        ivg_task (`str`, *optional*):
+            Which task's vector of `ivg_vector` (needed when it holds several).
+        ivg_scale_start (`float`, *optional*, defaults to `1.0`):
+            Scale of the vector added at the last prompt token at the first step (paper: 1).
+        ivg_scale_end (`float`, *optional*, defaults to `0.0`):
+            Scale at the last step (paper: 0); linear in between.
+        ivg_kl_weight (`float`, *optional*, defaults to `0.05`):
+            Weight of the KL term between the model's output and the reference's with the vector (paper: 0.05, from
+            1 / 0.5 / 0.25 / 0.05 / 0.01); 0 leaves it out.
+        ivg_kl_positions (`str`, *optional*, defaults to `"both"`):
+            Where the KL term compares: `"answer"` (the first answer token's prediction), `"all"` (averaged over the
+            answer's positions) or `"both"` (their sum, the authors' code; the paper does not say).
+        ivg_kl_temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature of both distributions in the KL term (the authors' code; the paper does not say).
+        ivg_kl_hinge (`float`, *optional*, defaults to `0.1`):
+            Each row's KL term counts only above this value (the authors' code; the paper does not say); 0: plain.
+
         > Parameters that control query encoding and the dataset columns
 
         query_encoder (`str`, *optional*, defaults to `"FacebookAI/roberta-base"`):
@@ -256,6 +278,54 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         },
     )
 
+    # Instruction-vector guidance
+    ivg_vector: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Directory of an InstructionVector (extract_instruction_vector, python -m tki_trainer.ivg): guide "
+            "training with it (progressive intervention and the KL term). Unset: no guidance."
+        },
+    )
+    ivg_task: Optional[str] = field(
+        default=None, metadata={"help": "Which task's vector of ivg_vector (needed when it holds several)."}
+    )
+    ivg_scale_start: float = field(
+        default=1.0,
+        metadata={"help": "Scale of the vector added at the last prompt token at the first step (paper: 1)."},
+    )
+    ivg_scale_end: float = field(
+        default=0.0, metadata={"help": "Scale at the last step (paper: 0); linear in between."}
+    )
+    ivg_kl_weight: float = field(
+        default=0.05,
+        metadata={
+            "help": "Weight of the KL term between the model's output and the reference's with the vector (paper: "
+            "0.05, from 1 / 0.5 / 0.25 / 0.05 / 0.01); 0 leaves it out."
+        },
+    )
+    ivg_kl_positions: str = field(
+        default="both",
+        metadata={
+            "help": "Where the KL term compares: 'answer' (the first answer token's prediction), 'all' (averaged over "
+            "the answer's positions) or 'both' (their sum, the authors' code; the paper does not say).",
+            "choices": ["answer", "all", "both"],
+        },
+    )
+    ivg_kl_temperature: float = field(
+        default=2.0,
+        metadata={
+            "help": "Softmax temperature of both distributions in the KL term (the authors' code; the paper does not "
+            "say)."
+        },
+    )
+    ivg_kl_hinge: float = field(
+        default=0.1,
+        metadata={
+            "help": "Each row's KL term counts only above this value (the authors' code; the paper does not say); 0: "
+            "plain."
+        },
+    )
+
     # Dataset columns
     query_embedding_column: str = field(default="query_embedding", metadata={"help": "Column of query embeddings."})
     group_id_column: str = field(
@@ -303,6 +373,7 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         if self.max_length is not None and self.max_length < 1:
             raise ValueError(f"max_length={self.max_length} leaves no room for a token: use a positive max_length.")
         self._check_flashbacks()
+        self._check_guidance()
         if self.flashback_dataset is not None:
             self.check_flashback_engine()
         if self.push_to_hub and self.hub_strategy != "end":
@@ -370,6 +441,18 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             ),
         )
         return next((message for found, message in conflicts if found), None)
+
+    def _check_guidance(self) -> None:
+        """Instruction-vector guidance's settings (the vector itself is read and checked by the trainer)."""
+        if self.ivg_kl_positions not in ("answer", "all", "both"):
+            raise ValueError(f"ivg_kl_positions must be 'answer', 'all' or 'both', got {self.ivg_kl_positions!r}.")
+        low = [
+            f"{name}={getattr(self, name)}" for name in ("ivg_kl_weight", "ivg_kl_hinge") if getattr(self, name) < 0
+        ]
+        if self.ivg_kl_temperature <= 0:
+            low.append(f"ivg_kl_temperature={self.ivg_kl_temperature} (must be > 0)")
+        if low:
+            raise ValueError(f"Instruction-vector guidance: {', '.join(low)}: use values >= 0.")
 
     def _check_prior_inputs(self) -> None:
         """Refuse ``prior_inputs_*`` values that `PriorInputConfig` refuses, at construction rather than when stage 1

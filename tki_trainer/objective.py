@@ -9,6 +9,7 @@ objective is a class with this face in its own package, the config fields it rea
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -50,6 +51,11 @@ class TrainingObjective:
     needs_example_ids: bool = False
     """Whether the collator must pass each row's id (to `loss`, in `MicroBatch.example_ids`)."""
 
+    @property
+    def own_backward(self) -> bool:
+        """Whether it takes a backward of its own each micro-batch (DDP expects one, so the engine reduces)."""
+        return not self.in_batch
+
     def __init__(self, trainer: TKITrainer, prepared: Any) -> None:
         self.trainer = trainer
 
@@ -59,6 +65,11 @@ class TrainingObjective:
     ) -> Any:
         """What this objective is built from, checked; None when ``args`` (or ``sources``) leave it off."""
         raise NotImplementedError
+
+    def around_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> AbstractContextManager:
+        """A context around the Trainer's step on ``inputs`` (its forward and its backward, which recomputes
+        forwards under activation checkpointing): e.g. an intervention in the model's computation."""
+        return nullcontext()
 
     def loss(self, batch: MicroBatch, engine: GradientEngine) -> torch.Tensor:
         """In-batch objectives: the weighted term added to the Trainer's loss (``engine.projects``: its gradient

@@ -110,7 +110,7 @@ class TKITrainer(SFTTrainer):
             group_column=args.group_id_column if args.lta else None,
             id_column=args.id_column if any(o.needs_example_ids for o in self.objectives) else None,
         )
-        own_backward = any(not o.in_batch for o in self.objectives)
+        own_backward = any(o.own_backward for o in self.objectives)
         self.gradients = GradientEngine(
             self,
             [o.name for o in self.objectives],
@@ -171,12 +171,15 @@ class TKITrainer(SFTTrainer):
         return (loss, outputs[0]) if return_outputs else loss
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        """The Trainer's step under the micro-batch's routing (activation checkpointing recomputes layers during
-        backward), then the objectives' own micro-batches; the gradients go where ``gradients`` sends them, and are
-        reduced (and projected) once per optimizer step."""
+        """The Trainer's step under the micro-batch's routing and the objectives' contexts (activation checkpointing
+        recomputes layers during backward), then the objectives' own micro-batches; the gradients go where
+        ``gradients`` sends them, and are reduced (and projected) once per optimizer step."""
         with self.gradients.accumulating(model):
-            with self._routing(model, inputs):
-                loss = super().training_step(model, inputs, num_items_in_batch)
+            with contextlib.ExitStack() as around:
+                for objective in self.objectives:
+                    around.enter_context(objective.around_step(model, inputs))
+                with self._routing(model, inputs):
+                    loss = super().training_step(model, inputs, num_items_in_batch)
             self.gradients.after_trainer_backward()
             for objective in self.objectives:
                 if not objective.in_batch:

@@ -1,0 +1,162 @@
+"""Instruction-vector guidance as a `TKITrainer` objective (the IVG paper's IV-guided fine-tuning).
+
+Two parts. Progressive intervention: every training forward adds ``s(t) * IV`` at the vector's layer, at each
+row's last prompt token, with ``s`` falling linearly from ``ivg_scale_start`` (paper: 1) to ``ivg_scale_end``
+(paper: 0) over training, so the model learns the new tasks on top of the computation the vector stands for. And
+a KL term between the model's own output on the training input (zero-shot, no vector) and the reference's with
+the full vector added (``ivg_kl_weight``, paper: 0.05). Which reference, at which positions, at which temperature
+and whether hinged, the paper does not say; the defaults are the authors' code's (the model before training, its
+adapters off, with the vector; the first answer position and all answer positions; temperature 2; each term
+hinged at 0.1), each a config value.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from peft import PeftConfig
+
+from ..flashback.divergence import token_divergence
+from ..flashback.reference import Reference, starts_as_identity
+from ..gradients import GradientEngine
+from ..logits import log_probabilities, logits_at
+from ..objective import MicroBatch, TrainingObjective
+from .intervention import check_intervention, intervene
+from .vector import InstructionVector
+
+
+KL_POSITIONS = ("answer", "all", "both")
+"""Where the KL term compares: the first answer token's prediction, every answer token's, or the sum of both."""
+
+
+def answer_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[batch, tokens] bool: the positions that predict an answer token (``labels`` as TRL collates them, -100
+    outside the answer; the model shifts them itself)."""
+    predicting = torch.zeros_like(labels, dtype=torch.bool)
+    predicting[:, :-1] = labels[:, 1:] != -100
+    return predicting
+
+
+def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
+    """[batch] index of each row's last prompt token: the position that predicts the first answer token."""
+    return answer_positions(labels).int().argmax(dim=1)
+
+
+class InstructionVectorGuidance(TrainingObjective):
+    """IV-guided fine-tuning (see the module's docstring). Logs ``ivg_scale`` and ``loss_ivg_kl`` (the KL term
+    before its weight). The KL term takes its own backward through the engine, with the progressive intervention
+    held off for its forward and backward (activation checkpointing recomputes the forward inside the backward)."""
+
+    name = "ivg"
+    in_batch = True
+    own_backward = True
+    paper = {
+        "title": "Refine Large Language Model Fine-tuning via Instruction Vector",
+        "citation": "@misc{ivg,\n  title = {Refine Large Language Model Fine-tuning via Instruction Vector},\n  "
+        "author = {Gangwei Jiang and Caigao Jiang and Zhaoyi Li and Siqiao Xue and Jun Zhou and Linqi Song and Defu "
+        "Lian and Ying Wei}\n}",
+    }
+
+    def __init__(self, trainer: Any, prepared: tuple[InstructionVector, PeftConfig | None]) -> None:
+        super().__init__(trainer, prepared)
+        self.instruction_vector, peft_config = prepared
+        args = trainer.args
+        model = trainer.accelerator.unwrap_model(trainer.model)
+        self.vector = self.instruction_vector.vector(args.ivg_task).to(args.device)
+        self.layer = self.instruction_vector.layer
+        check_intervention(model, self.vector, self.layer, args.ivg_scale_start)
+        self.reference = None
+        if args.ivg_kl_weight > 0:
+            self.reference = Reference(
+                model, snapshot=not (peft_config is not None and starts_as_identity(peft_config))
+            )
+        self._added = torch.zeros_like(self.vector)
+        """What the progressive intervention adds now: ``s(t) * IV``, zero while it is held off."""
+
+    @classmethod
+    def prepare(
+        cls, args: Any, *, model: Any, peft_config: PeftConfig | None, train_dataset: Any, sources: dict[str, Any]
+    ) -> tuple[InstructionVector, PeftConfig | None] | None:
+        if args.ivg_vector is None:
+            return None
+        vector = InstructionVector.load(args.ivg_vector)
+        vector.vector(args.ivg_task)  # an unknown task (or none named among several) is refused here
+        return vector, peft_config
+
+    def scale(self) -> float:
+        """``s(t)``: linear from ``ivg_scale_start`` at the first step to ``ivg_scale_end`` at the last."""
+        args, state = self.trainer.args, self.trainer.state
+        progress = state.global_step / max(state.max_steps - 1, 1) if state.max_steps else 0.0
+        return args.ivg_scale_start + (args.ivg_scale_end - args.ivg_scale_start) * min(progress, 1.0)
+
+    def around_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> contextlib.AbstractContextManager:
+        scale = self.scale()
+        self.trainer.record_metric("ivg_scale", scale)
+        if scale == 0:
+            return contextlib.nullcontext()
+        self._added.copy_(scale * self.vector)
+        positions = last_prompt_positions(inputs["labels"])
+        return intervene(self.trainer.accelerator.unwrap_model(model), self._added, self.layer, positions=positions)
+
+    @contextlib.contextmanager
+    def _held_off(self) -> Iterator[None]:
+        added = self._added.clone()
+        self._added.zero_()
+        try:
+            yield
+        finally:
+            self._added.copy_(added)
+
+    def loss(self, batch: MicroBatch, engine: GradientEngine) -> torch.Tensor:
+        args = self.trainer.args
+        if args.ivg_kl_weight == 0:
+            return torch.zeros((), device=batch.inputs["input_ids"].device)
+        labels = batch.inputs["labels"]
+        keep = answer_positions(labels)
+        inputs = {key: batch.inputs[key] for key in ("input_ids", "attention_mask") if key in batch.inputs}
+        unwrapped = self.trainer.accelerator.unwrap_model(batch.model)
+        with self._held_off():
+            with torch.no_grad(), self.reference.active():
+                with intervene(unwrapped, self.vector, self.layer, positions=last_prompt_positions(labels)):
+                    reference = log_probabilities(logits_at(unwrapped, keep, **inputs) / args.ivg_kl_temperature)
+            model_log_probs = log_probabilities(logits_at(batch.model, keep, **inputs) / args.ivg_kl_temperature)
+            divergence = self._term(token_divergence(model_log_probs, reference, "kl"), keep)
+            weight = args.ivg_kl_weight / engine.accumulation_steps
+            engine.backward(weight * divergence, self.name)
+        divergence = divergence.detach()
+        self.trainer.record_metric(
+            "loss_ivg_kl", self.trainer.accelerator.gather_for_metrics(divergence).mean().item()
+        )
+        # the Trainer scales what compute_loss returns: the logged loss gets the term on its own scale
+        return weight * divergence / engine.scale(batch.num_items_in_batch)
+
+    def _term(self, per_position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        """The mean over rows of each row's hinged KL at its first answer position and/or averaged over its answer
+        positions (``per_position``: [kept], in ``keep``'s order). Hinged per row, the mean over a step's
+        micro-batches and processes is the mean over its rows, however they are split."""
+        args = self.trainer.args
+        lengths = keep.sum(dim=1)
+        answered = lengths > 0
+        first = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])[answered]
+        rows = torch.repeat_interleave(torch.arange(len(lengths), device=keep.device), lengths)
+        terms = []
+        if args.ivg_kl_positions in ("answer", "both"):
+            terms.append(per_position[first])
+        if args.ivg_kl_positions in ("all", "both"):
+            summed = per_position.new_zeros(len(lengths)).index_add(0, rows, per_position)
+            terms.append(summed[answered] / lengths[answered])
+        return sum((term - args.ivg_kl_hinge).clamp(min=0) for term in terms).mean()
+
+    def card_text(self) -> str:
+        args = self.trainer.args
+        tasks = ", ".join(self.instruction_vector.tasks) if args.ivg_task is None else args.ivg_task
+        return (
+            f"Instruction-vector guidance: the vector of {tasks} (layer {self.layer}, "
+            f"{len(self.instruction_vector.heads)} heads) added at the last prompt token with a scale from "
+            f"{args.ivg_scale_start:g} to {args.ivg_scale_end:g} over training, and a KL term (weight "
+            f"{args.ivg_kl_weight:g}, {args.ivg_kl_positions} positions, temperature {args.ivg_kl_temperature:g}, "
+            f"hinge {args.ivg_kl_hinge:g}) to the model before training with the vector added."
+        )
