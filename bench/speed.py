@@ -47,6 +47,7 @@ from tki_trainer import (
 )
 from tki_trainer.config import prior_input_arguments
 from tki_trainer.data import add_query_embeddings, as_conversational, fit_prompts, group_references, load_p3
+from tki_trainer.ivg import InstructionVector
 from tki_trainer.reinstatement import PriorInputConfig
 
 
@@ -61,9 +62,21 @@ CONFIGS = {
     "tki_mixed": dict(lta=True, kr=True, pcgrad=True, **HARDER),
     "tki_m192": dict(lta=True, kr=True, pcgrad=True),
     "jfa": dict(lta=True, kr=False, pcgrad=True),
+    "ivg": dict(lta=True, kr=False, pcgrad=True),
 }
 FLASHBACKS = {"jfa"}
 """Configurations that take a flashback micro-batch (the training rows' prompts) per training micro-batch."""
+GUIDED = {"ivg"}
+"""Configurations with instruction-vector guidance: a random vector of the model's hidden size at layer
+num_hidden_layers // 3 (a step's cost does not depend on the vector's values), the paper's schedule and KL weight."""
+
+
+def instruction_vector(work: Path) -> Path:
+    model, _ = load_embedded_model()
+    config = model.config
+    vector = torch.randn(1, config.hidden_size, generator=torch.Generator().manual_seed(0))
+    InstructionVector(vector, ["speed"], config.num_hidden_layers // 3, [(0, 0)]).save(work / "iv")
+    return work / "iv"
 
 
 def shared_lora() -> LoraConfig:
@@ -94,7 +107,7 @@ def stores(work: Path, dataset) -> dict[str, Path]:
     }
     entries = {i: {k: v for k, v in asdict(e).items() if k != "shard"} for i, e in mixed.examples.items()}
     mixed.write_shard("999-00000", deltas, entries)
-    return {"store": store.path, "mixed": mixed.path}
+    return {"store": store.path, "mixed": mixed.path, "iv": instruction_vector(work)}
 
 
 def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_dir: str) -> TKITrainer:
@@ -103,6 +116,7 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
     bank = {"num_groups": 16, "keys_per_group": 12} if name == "tki_m192" else {}
     peft_config = embedded_lora_config(**bank) if switches["lta"] else shared_lora()
     store = store_dirs["mixed" if name == "tki_mixed" else "store"] if switches["kr"] else None
+    guidance = {"ivg_vector": str(store_dirs["iv"])} if name in GUIDED else {}
     stage1 = prior_input_arguments(MIXED if name == "tki_mixed" else STAGE1)
     args = TKIConfig(
         output_dir=f"{output_dir}/{name}-{batch}",
@@ -118,6 +132,7 @@ def build(name: str, batch: int, dataset, store_dirs: dict[str, Path], output_di
         flashbacks_per_step=batch,
         **switches,
         **stage1,
+        **guidance,
     )
     trainer = TKITrainer(
         model,
@@ -145,7 +160,8 @@ def step(trainer: TKITrainer, batch) -> float:
 def _mixes(trainer: TKITrainer, batch) -> bool:
     """A batch of the mixed store holding a row whose prior input is harder (noised), and, beyond one row, one
     whose is not."""
-    noised = torch.tensor([bool(trainer._store.load_delta(i).abs().sum() > 0) for i in batch["example_ids"]])
+    store = next(o.store for o in trainer.objectives if o.name == "reinst")
+    noised = torch.tensor([bool(store.load_delta(i).abs().sum() > 0) for i in batch["example_ids"]])
     return bool(noised.any()) and (len(noised) == 1 or not bool(noised.all()))
 
 
@@ -187,6 +203,7 @@ def training_steps(dataset, store_dirs, rounds: int, positions: dict[int, int], 
             "over_sft": {name: median[name] / median["sft"] for name in CONFIGS},
             "m192_over_m32": median["tki_m192"] / median["tki"],
             "jfa_over_lta": median["jfa"] / median["lta"],
+            "ivg_over_lta": median["ivg"] / median["lta"],
             "backward_passes": {name: mean_metric(trainers[name], "pcgrad_backward_passes") for name in CONFIGS},
             "reinst_q_win_rate": {name: mean_metric(trainers[name], "reinst_q_win_rate") for name in CONFIGS},
         }
@@ -203,7 +220,7 @@ def peak_memory(name: str, batch: int, position: int, work: Path) -> dict:
     """In this fresh process: resident memory once the trainer is built, and its peak over three steps (Linux's
     high-water mark, reset after the build: loading the model peaks higher than a step)."""
     dataset = training_rows()
-    store_dirs = {"store": work / "store", "mixed": work / "mixed"}
+    store_dirs = {"store": work / "store", "mixed": work / "mixed", "iv": work / "iv"}
     trainer = build(name, batch, dataset, store_dirs, str(work / "memory"))
     inputs = batch_at(trainer, position)
     Path("/proc/self/clear_refs").write_text("5")
@@ -304,19 +321,22 @@ def table(steps: dict, memory_results: dict, stage1: dict, generate: dict, round
         f"tokens; step = forward, backward(s), PCGrad, AdamW; medians of {rounds} interleaved rounds. Targets: LTA <= 1.10,",
         "full TKI <= 2.2, M=192 / M=32 <= 1.05, routed generation >= 0.9 x LoRA. JFA: a flashback micro-batch as large as",
         "the training one (one more forward and backward through the adapted model, one no-grad forward through the",
-        "reference) and PCGrad over SFT and flashbacks; JFA / LTA is what the two add to the LTA step.",
+        "reference) and PCGrad over SFT and flashbacks; JFA / LTA is what the two add to the LTA step. IVG: LTA with",
+        "instruction-vector guidance (the vector added at the last prompt token; its KL term: one more forward and",
+        "backward through the adapted model, one no-grad forward through the reference) and PCGrad over SFT and IVG.",
         "",
         "KR and TKI read eq. 6 as written (each example through its easier input); 'harder' is the other reading.",
         "",
-        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | KR harder / SFT | TKI harder / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | SFT s/step | backward passes KR, TKI, KR harder, TKI harder, mixed |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| micro-batch | LTA / SFT | KR / SFT | TKI / SFT | KR harder / SFT | TKI harder / SFT | TKI mixed / SFT | TKI M=192 / M=32 | JFA / SFT | JFA / LTA | IVG / SFT | IVG / LTA | SFT s/step | backward passes KR, TKI, KR harder, TKI harder, mixed |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for batch, r in steps.items():
         ratio, passes = r["over_sft"], r["backward_passes"]
         lines.append(
             f"| {batch} | {ratio['lta']:.3f} | {ratio['kr']:.3f} | {ratio['tki']:.3f} | {ratio['kr_harder']:.3f} | "
             f"{ratio['tki_harder']:.3f} | {ratio['tki_mixed']:.3f} | {r['m192_over_m32']:.3f} | "
-            f"{ratio['jfa']:.3f} | {r['jfa_over_lta']:.3f} | {r['median_seconds']['sft']:.2f} | "
+            f"{ratio['jfa']:.3f} | {r['jfa_over_lta']:.3f} | {ratio['ivg']:.3f} | {r['ivg_over_lta']:.3f} | "
+            f"{r['median_seconds']['sft']:.2f} | "
             + ", ".join(f"{passes[n]:.2f}" for n in ("kr", "tki", "kr_harder", "tki_harder", "tki_mixed"))
             + " |"
         )
