@@ -24,7 +24,7 @@ def saved_vector(tmp_path, scale=3.0):
 
 def trainer_with(tmp_path, name, lta=True, **settings):
     """A TKI trainer; ``lta=False`` trains a plain LoRA, whose forwards need no routing."""
-    args = TKIConfig(**common(tmp_path, name, max_steps=3), kr=False, lta=lta, **settings)
+    args = TKIConfig(**common(tmp_path, name, max_steps=3), **{"kr": False, "lta": lta, **settings})
     peft_config = tki_config() if lta else shared_lora()
     return TKITrainer(
         tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=peft_config
@@ -139,9 +139,28 @@ def test_the_card_says_which_vector_guided_training(tmp_path):
         (dict(ivg_task="other"), "No instruction vector for task 'other'"),
         (dict(ivg_kl_positions="middle"), "ivg_kl_positions"),
         (dict(ivg_kl_weight=-1.0), "ivg_kl_weight"),
+        (dict(completion_only_loss=False), "last prompt token"),
+        (dict(kr=True, prior_inputs_mode="on_the_fly"), "prior_inputs_mode='store' with ivg_vector"),
     ],
 )
 def test_bad_guidance_settings_are_refused_before_training(tmp_path, settings, message):
     values = {"ivg_vector": saved_vector(tmp_path), **settings}
     with pytest.raises(ValueError, match=message):
         trainer_with(tmp_path, "bad", **values)
+
+
+def test_without_an_adapter_the_kl_term_is_refused_before_training(tmp_path):
+    args = TKIConfig(**common(tmp_path, "full"), lta=False, kr=False, ivg_vector=saved_vector(tmp_path))
+    with pytest.raises(ValueError, match="needs an adapter to switch off"):
+        TKITrainer(tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer())
+
+
+def test_rows_that_train_on_their_prompt_are_refused_at_the_first_step(tmp_path):
+    """Text rows carry no prompt to mask: the vector would have no last prompt token to go to."""
+    text = rows().map(lambda row: {"text": row["prompt"] + row["completion"]}, remove_columns=["prompt", "completion"])
+    args = TKIConfig(**common(tmp_path, "text"), lta=False, kr=False, ivg_vector=saved_vector(tmp_path))
+    trainer = TKITrainer(
+        tiny_llama(), args=args, train_dataset=text, processing_class=tiny_tokenizer(), peft_config=shared_lora()
+    )
+    with pytest.raises(ValueError, match="some rows train on their first token"):
+        trainer.train()

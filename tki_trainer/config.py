@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .flashback import DIVERGENCES
@@ -112,8 +113,8 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         > Parameters that control PCGrad
 
         pcgrad (`bool`, *optional*, defaults to `True`):
-            Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks); with only SFT
-            active there is nothing to project.
+            Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks, instruction-vector
+            guidance); with only SFT active there is nothing to project.
 
         > Parameters that control flashbacks (Joint Flashback Adaptation)
 
@@ -194,8 +195,8 @@ class TKIConfig(SFTConfig, PriorInputArguments):
     pcgrad: bool = field(
         default=True,
         metadata={
-            "help": "Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks: "
-            "PCGrad); with only SFT active there is nothing to project."
+            "help": "Project conflicting gradients of the active objectives (SFT, reinstatement, flashbacks, "
+            "instruction-vector guidance: PCGrad); with only SFT active there is nothing to project."
         },
     )
     reinstatement_alpha: float = field(
@@ -444,6 +445,25 @@ class TKIConfig(SFTConfig, PriorInputArguments):
 
     def _check_guidance(self) -> None:
         """Instruction-vector guidance's settings (the vector itself is read and checked by the trainer)."""
+        if self.ivg_vector is not None:
+            engine = self._engine()
+            if engine:
+                raise ValueError(
+                    f"Instruction-vector guidance takes its own backward pass each micro-batch, and {engine} owns "
+                    "backward and gradient reduction: train with DDP (accelerate launch --config_file "
+                    "recipes/accelerate/ddp.yaml)."
+                )
+            if self.packing or self.padding_free or self.completion_only_loss is False:
+                raise ValueError(
+                    "Instruction-vector guidance adds the vector at each row's last prompt token, one prompt per row "
+                    "masked out of the loss: set packing=False, padding_free=False and leave completion_only_loss on."
+                )
+            if self.kr is not False and self.prior_inputs_mode == "on_the_fly":
+                raise ValueError(
+                    "prior_inputs_mode='on_the_fly' runs stage 1 inside the training step, where the guidance adds "
+                    "its vector, so the prior inputs would differ from a store's: use prior_inputs_mode='store' with "
+                    "ivg_vector, or kr=False."
+                )
         if self.ivg_kl_positions not in ("answer", "all", "both"):
             raise ValueError(f"ivg_kl_positions must be 'answer', 'all' or 'both', got {self.ivg_kl_positions!r}.")
         low = [
@@ -489,3 +509,13 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         if self.fsdp or os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true", "yes"):
             return "FSDP"
         return None
+
+
+def as_tki_config(args: TrainingArguments | None) -> TKIConfig:
+    """``args`` as a `TKIConfig`: `TrainingArguments` (or an `SFTConfig`) converted as SFTTrainer converts them, with
+    TKI's fields at their defaults."""
+    if args is None:
+        return TKIConfig(output_dir="tki-output")
+    if isinstance(args, TKIConfig):
+        return args
+    return TKIConfig(**{**args.to_dict(), "hub_token": args.hub_token})

@@ -6,9 +6,10 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from datasets import Dataset
@@ -19,6 +20,10 @@ from ._io import staged_file
 from .preparation import cache_dir
 from .tuner import LatentLoraConfig, export_lora
 from .tuner.model import find_tuner
+
+
+if TYPE_CHECKING:
+    from .trainer import TKITrainer
 
 
 PUSH_IGNORE = ("_*", "checkpoint-*", ".*", "*.bin", "*.pt", "*.pth", "*.pkl", "*.pickle", "*.ckpt")
@@ -64,7 +69,7 @@ def render_model_card(
     repo_id: str,
     training_data: str,
     evaluation: str,
-    citations: list[str] = (),
+    citations: Sequence[str] = (),
 ) -> str:
     """The card's Markdown: front matter (base model, ``peft``/``trl``/``tki`` tags), TKI settings, data, results,
     usage for both loading paths, and the BibTeX of ``citations``."""
@@ -97,7 +102,7 @@ def training_summary(
     args: Any,
     rows: int | None,
     dataset_name: str | None,
-    objectives: list[str] = (),
+    objectives: Sequence[str] = (),
     epochs: float | None = None,
 ) -> str:
     """The card's "Training" line, from a `TKIConfig`: rows, length, epochs (``epochs`` trained, else the
@@ -210,11 +215,16 @@ def _redacted(text: str, token: str | None) -> str:
 
 
 def write_trainer_card(
-    trainer: Any, *, model_name: str | None = None, dataset_name: str | None = None, evaluation: str | None = None
+    trainer: TKITrainer,
+    citations: Sequence[str],
+    *,
+    model_name: str | None = None,
+    dataset_name: str | None = None,
+    evaluation: str | None = None,
 ) -> None:
     """A `TKITrainer`'s card (`model_card_template.md`) from its adapter config, arguments, objectives and logs:
     base model, TKI settings, data, the run's last evaluation (or ``evaluation``, Markdown), usage for both loading
-    paths, and the papers of the trainer (its ``_paper``) and of each objective that trained."""
+    paths, and the BibTeX of ``citations``."""
     tuner = find_tuner(trainer.model)
     rows = len(trainer.train_dataset) if isinstance(trainer.train_dataset, Dataset) else None
     card = render_model_card(
@@ -228,28 +238,28 @@ def write_trainer_card(
             epochs=trainer.state.epoch or None,
         ),
         evaluation=evaluation or evaluation_table(trainer.state.log_history),
-        citations=[paper["citation"] for paper in (trainer._paper, *(o.paper for o in trainer.objectives)) if paper],
+        citations=citations,
     )
     write_model_card(trainer.args.output_dir, card)
 
 
-def repo_id_of(trainer: Any, model_name: str | None = None) -> str:
+def repo_id_of(trainer: TKITrainer, model_name: str | None = None) -> str:
     """Where a trainer pushes: its Hub model id, else ``model_name``, else its output directory's name."""
     return trainer.hub_model_id or trainer.args.hub_model_id or model_name or Path(trainer.args.output_dir).name
 
 
 def push_trainer(
-    trainer: Any,
+    trainer: TKITrainer,
     commit_message: str,
     hub_settings: dict[str, Any],
     prior_inputs: bool,
     plain_lora_query: torch.Tensor | None,
-    card: dict[str, Any],
+    card_kwargs: dict[str, Any],
 ) -> CommitInfo | None:
-    """`TKITrainer.push_to_hub`: save, write the card (``card``: `create_model_card`'s arguments) and upload
+    """`TKITrainer.push_to_hub`: save, write the card (``card_kwargs``: `create_model_card`'s arguments) and upload
     through `push_adapter`; ``hub_settings`` (``token``, ``revision``, ``private``) fall back to the arguments'."""
-    store = next((o.store for o in trainer.objectives if getattr(o, "store", None) is not None), None)
-    if prior_inputs and store is None:
+    uploads = {name: path for objective in trainer.objectives for name, path in objective.uploads().items()}
+    if prior_inputs and "prior_inputs" not in uploads:
         raise ValueError(
             "prior_inputs=True needs a prior-input store, which this trainer (kr=False or on_the_fly) has not."
         )
@@ -258,7 +268,7 @@ def push_trainer(
     trainer.save_model(_internal_call=True)
     if not trainer.is_world_process_zero():
         return None
-    trainer.create_model_card(**card)
+    trainer.create_model_card(**card_kwargs)
     plain_lora = None
     if plain_lora_query is not None:
         plain_lora = cache_dir(args) / "plain_lora"
@@ -270,7 +280,7 @@ def push_trainer(
         revision=_given(hub_settings["revision"], args.hub_revision),
         private=_given(hub_settings["private"], args.hub_private_repo),
         commit_message=commit_message,
-        prior_inputs=store.path if prior_inputs else None,
+        prior_inputs=uploads["prior_inputs"] if prior_inputs else None,
         plain_lora=plain_lora,
     )
 

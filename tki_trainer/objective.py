@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -32,7 +33,7 @@ class MicroBatch:
     outputs: Any
     """The forward's fused outputs (per-token log-probabilities of the labels)."""
     example_ids: list[str] | None
-    num_items_in_batch: Any
+    num_items_in_batch: torch.Tensor | int | None
 
 
 class TrainingObjective:
@@ -46,18 +47,19 @@ class TrainingObjective:
     name: ClassVar[str]
     in_batch: ClassVar[bool] = False
     """Whether its term comes from the Trainer's micro-batch (`loss`) rather than its own (`own_step`)."""
+    own_backward: ClassVar[bool] = False
+    """Whether it takes a backward of its own each micro-batch. DDP reduces in the backward of the Trainer's
+    forward and cannot take a second one, so the engine then reduces the gradients itself."""
+    shares_examples: ClassVar[bool] = False
+    """Whether its gradient is a share of the Trainer's backward restricted to some examples (`GradientEngine.share`
+    with ``examples``): the engine then records the Trainer's forward."""
     paper: ClassVar[dict[str, str]] = {}
     """The objective's paper (``title``, ``citation``), cited on the card when it trained; TKI's own are not."""
-    needs_example_ids: bool = False
-    """Whether the collator must pass each row's id (to `loss`, in `MicroBatch.example_ids`)."""
-
-    @property
-    def own_backward(self) -> bool:
-        """Whether it takes a backward of its own each micro-batch (DDP expects one, so the engine reduces)."""
-        return not self.in_batch
 
     def __init__(self, trainer: TKITrainer, prepared: Any) -> None:
         self.trainer = trainer
+        self.needs_example_ids = False
+        """Whether the collator must pass each row's id (to `loss`, in `MicroBatch.example_ids`)."""
 
     @classmethod
     def prepare(
@@ -72,8 +74,9 @@ class TrainingObjective:
         return nullcontext()
 
     def loss(self, batch: MicroBatch, engine: GradientEngine) -> torch.Tensor:
-        """In-batch objectives: the weighted term added to the Trainer's loss (``engine.projects``: its gradient
-        taken or declared through ``engine`` instead)."""
+        """In-batch objectives: the weighted term, on the scale of ``compute_loss``'s result (the Trainer multiplies
+        it by ``engine.scale``), added to the loss the Trainer backpropagates. A term whose gradient the objective
+        took or declared through ``engine`` (with PCGrad, or a backward of its own) is returned detached."""
         raise NotImplementedError
 
     def own_step(self, model: torch.nn.Module, engine: GradientEngine) -> torch.Tensor:
@@ -87,3 +90,7 @@ class TrainingObjective:
     def card_text(self) -> str | None:
         """What the model card says of this objective's training."""
         return None
+
+    def uploads(self) -> dict[str, Path]:
+        """Folders `TKITrainer.push_to_hub` can upload beside the adapter, by their name in the repository."""
+        return {}

@@ -14,13 +14,14 @@ from typing import Any
 
 import torch
 from datasets import Dataset, IterableDataset
+from huggingface_hub import CommitInfo
 from peft import PeftConfig, PeftModel
 from transformers import PreTrainedModel, TrainingArguments
 from trl import SFTTrainer
 
 from . import hub, preparation
 from .collator import EXAMPLE_IDS, GROUP_IDS, QUERY_EMBEDDINGS, TKICollator
-from .config import TKIConfig
+from .config import TKIConfig, as_tki_config
 from .gradients import GradientEngine
 from .objective import MicroBatch, TrainingObjective
 from .objectives import OBJECTIVES
@@ -66,16 +67,16 @@ class TKITrainer(SFTTrainer):
     ) -> None:
         formatting_func = kwargs.get("formatting_func")
         args = preparation.resolve_kr(
-            _as_tki_config(args),
+            as_tki_config(args),
             train_dataset,
             model,
             formatting_func=formatting_func,
             compute_loss_func=kwargs.get("compute_loss_func"),
         )
-        if (args.lta or args.kr) and args.n_gpu > 1:
+        if (args.lta or args.kr or args.ivg_vector) and args.n_gpu > 1:
             raise ValueError(
                 f"This process sees {args.n_gpu} GPUs, so the Trainer would split each batch with "
-                "torch.nn.DataParallel, which TKI's per-example routing and reinstatement do not follow: run one "
+                "torch.nn.DataParallel, which TKI's per-example routing, reinstatement and guidance do not follow: run one "
                 "process per GPU with `accelerate launch` (DDP), or set CUDA_VISIBLE_DEVICES to one GPU."
             )
         peft_config = preparation.adapter_config(model, args, peft_config, [train_dataset, eval_dataset])
@@ -116,7 +117,7 @@ class TKITrainer(SFTTrainer):
             [o.name for o in self.objectives],
             pcgrad=args.pcgrad,
             reduce=(args.lta or own_backward) and self.accelerator.num_processes > 1,
-            capture=any(o.in_batch for o in self.objectives),
+            capture=any(o.shares_examples for o in self.objectives),
         )
         """Where each backward of a step goes: per-objective sums, PCGrad, and the reduction DDP cannot do."""
         if args.lta and self.optimizer is None and self.optimizer_cls_and_kwargs is None:
@@ -152,12 +153,18 @@ class TKITrainer(SFTTrainer):
             return contextlib.nullcontext()
         return route(model, inputs.pop(QUERY_EMBEDDINGS), inputs.pop(GROUP_IDS))
 
-    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+    def compute_loss(
+        self,
+        model: torch.nn.Module,
+        inputs: dict[str, Any],
+        return_outputs: bool = False,
+        num_items_in_batch: torch.Tensor | int | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, Any]:
         """SFTTrainer's loss under routing; in training, plus the in-batch objectives' terms (with PCGrad their
         values only: their gradients go through ``gradients``)."""
         mode = "train" if self.model.training else "eval"
         example_ids = inputs.pop(EXAMPLE_IDS, None)
-        in_batch = [o for o in self.objectives if o.in_batch] if mode == "train" else []
+        in_batch = [o for o in self.objectives if o.in_batch] if self.gradients.in_step else []
         with self._routing(model, inputs):
             self._observe_routing(model, mode)
             if not in_batch:
@@ -170,11 +177,13 @@ class TKITrainer(SFTTrainer):
                 loss = loss + (term.detach() if self.gradients.projects else term)
         return (loss, outputs[0]) if return_outputs else loss
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
         """The Trainer's step under the micro-batch's routing and the objectives' contexts (activation checkpointing
         recomputes layers during backward), then the objectives' own micro-batches; the gradients go where
         ``gradients`` sends them, and are reduced (and projected) once per optimizer step."""
-        with self.gradients.accumulating(model):
+        with self.gradients.step(model):
             with contextlib.ExitStack() as around:
                 for objective in self.objectives:
                     around.enter_context(objective.around_step(model, inputs))
@@ -191,19 +200,21 @@ class TKITrainer(SFTTrainer):
                 objective.end_of_step()
         return loss
 
-    def _clip_grad_norm(self, model):
+    def _clip_grad_norm(self, model: torch.nn.Module) -> torch.Tensor:
         """The Trainer's clipping, for gradients that include the bank's sparse ones."""
         if not self.args.lta:
             return super()._clip_grad_norm(model)
         self.accelerator.unscale_gradients()
         return clip_grad_norm(list(model.parameters()), self.args.max_grad_norm)
 
-    def _get_grad_norm(self, model, grad_norm=None):
+    def _get_grad_norm(self, model: torch.nn.Module, grad_norm: torch.Tensor | None = None) -> torch.Tensor:
         if grad_norm is None and self.args.lta:
             grad_norm = clip_grad_norm(list(model.parameters()), float("inf"))
         return super()._get_grad_norm(model, grad_norm)
 
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+    def evaluate(
+        self, eval_dataset: Any = None, ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval"
+    ) -> dict[str, float]:
         """SFTTrainer's evaluation; a dataset passed here gets the ids and routing columns that construction gives
         ``eval_dataset``."""
         if isinstance(eval_dataset, (Dataset, IterableDataset, dict)):
@@ -244,7 +255,11 @@ class TKITrainer(SFTTrainer):
         if not self.args.lta:
             return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
         if self.is_world_process_zero():
-            hub.write_trainer_card(self, model_name=model_name, dataset_name=dataset_name, evaluation=evaluation)
+            papers = [self._paper, *(objective.paper for objective in self.objectives)]
+            citations = [paper["citation"] for paper in papers if paper]
+            hub.write_trainer_card(
+                self, citations, model_name=model_name, dataset_name=dataset_name, evaluation=evaluation
+            )
         return None
 
     def push_to_hub(
@@ -258,7 +273,7 @@ class TKITrainer(SFTTrainer):
         prior_inputs: bool = False,
         plain_lora_query: torch.Tensor | None = None,
         **kwargs: Any,
-    ):
+    ) -> CommitInfo | None:
         """Upload ``output_dir`` as the Trainer does, in one commit (`hub.push_trainer`): the adapter, tokenizer
         files and the model card; never ``_*`` caches, checkpoints or pickled files (``training_args.bin``).
         ``prior_inputs=True`` adds the prior-input store under ``prior_inputs/``; ``plain_lora_query`` adds
@@ -268,16 +283,6 @@ class TKITrainer(SFTTrainer):
         return hub.push_trainer(
             self, commit_message or "End of training", hub_settings, prior_inputs, plain_lora_query, kwargs
         )
-
-
-def _as_tki_config(args: TrainingArguments | None) -> TKIConfig:
-    """``args`` as a `TKIConfig`: `TrainingArguments` (or an `SFTConfig`) converted as SFTTrainer converts them, with
-    TKI's fields at their defaults."""
-    if args is None:
-        return TKIConfig(output_dir="tki-output")
-    if isinstance(args, TKIConfig):
-        return args
-    return TKIConfig(**{**args.to_dict(), "hub_token": args.hub_token})
 
 
 @contextlib.contextmanager

@@ -37,6 +37,7 @@ class FlashbackObjective(TrainingObjective):
     training is TKI's, dropout's random draws included. Logs ``loss_flashback``."""
 
     name = "flashback"
+    own_backward = True
     paper = {
         "title": "Joint Flashback Adaptation for Forgetting-Resistant Instruction Tuning",
         "citation": "@misc{jfa,\n  title = {Joint Flashback Adaptation for Forgetting-Resistant Instruction Tuning},\n"

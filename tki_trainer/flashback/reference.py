@@ -36,8 +36,8 @@ class Reference:
     def __init__(self, model: nn.Module, snapshot: bool) -> None:
         if not isinstance(model, PeftModel):
             raise ValueError(
-                "Flashbacks compare the model with itself before training, which needs an adapter to switch off: pass "
-                "a peft_config (or a PeftModel), or train without a flashback dataset."
+                "Comparing the model with itself before training (flashbacks, guidance's KL term) needs an adapter to "
+                "switch off: pass a peft_config (or a PeftModel), or train without that objective."
             )
         self.model = model
         trainable = [p for p in model.parameters() if p.requires_grad]

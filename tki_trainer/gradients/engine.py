@@ -33,7 +33,7 @@ class GradientEngine:
     ``objectives`` names the auxiliary objectives in order (their gradients' slots after ``"sft"``). ``pcgrad``
     projects their gradients (with at least one auxiliary objective); ``reduce`` all-reduces the gradients here
     instead of DDP. ``capture`` records the Trainer's forward so that a share of its backward restricted to some
-    examples comes without another backward (`GradientCapture`).
+    examples comes without another backward (`GradientCapture`); objectives act on it only inside `step`.
     """
 
     def __init__(
@@ -46,17 +46,26 @@ class GradientEngine:
         count = len(self.names) if self.projects else 1
         self.sums = ObjectiveGradients(parameters, count) if self.projects or reduce else None
         self.capture = GradientCapture(trainer.model, parameters) if self.projects and capture else None
+        """Records the Trainer's forward when an objective shares an example subset of its backward."""
         self.recorded: GradientCapture | None = None
         """The capture that recorded the current micro-batch's forward, when it could (at least two examples)."""
         self._shares: list[tuple[str, float, torch.Tensor | None]] = []
+        self.in_step = False
 
     @property
     def owns_reduction(self) -> bool:
         return self.sums is not None
 
-    def accumulating(self, model: torch.nn.Module) -> contextlib.AbstractContextManager:
-        """Wrap a micro-batch's backward passes: DDP does not reduce them when the engine does."""
-        return self.trainer.accelerator.no_sync(model) if self.owns_reduction else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def step(self, model: torch.nn.Module) -> Iterator[None]:
+        """Wrap a micro-batch's training step: objectives take their gradients only inside it (a ``compute_loss``
+        called elsewhere computes the SFT loss alone), and DDP does not reduce them when the engine does."""
+        self._shares, self.in_step = [], True
+        try:
+            with self.trainer.accelerator.no_sync(model) if self.owns_reduction else contextlib.nullcontext():
+                yield
+        finally:
+            self.in_step = False
 
     @property
     def accumulation_steps(self) -> int:
@@ -105,6 +114,8 @@ class GradientEngine:
         if examples is not None:
             if not self.can_share_examples:
                 raise RuntimeError("share(examples=...) needs a complete recording of this micro-batch's forward.")
+            if self.recorded.weights is not None:
+                raise RuntimeError("One share of examples per micro-batch: the recording holds one set of weights.")
             self.recorded.weights = examples.float()
         self._shares.append((objective, scale, examples))
 

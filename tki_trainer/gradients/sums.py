@@ -1,6 +1,6 @@
 """Per-objective gradient sums of one effective batch, exact under gradient accumulation and data parallelism.
 
-Each objective's gradient (SFT, reinstatement, flashback divergence: whichever are active) is accumulated on its
+Each objective's gradient (SFT, reinstatement, flashback divergence, guidance: whichever are active) is accumulated on its
 own over the micro-batches of an effective batch; once the effective batch is complete (and, on several
 processes, the sums are all-reduced) they are projected once by PCGrad (`pcgrad.project`): each gradient,
 wherever it conflicts with another (``g_i . g_j < 0``), is projected onto that one's normal plane, and the update

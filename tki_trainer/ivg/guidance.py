@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from peft import PeftConfig
+from peft import PeftConfig, PeftModel
 
 from ..flashback.divergence import token_divergence
 from ..flashback.reference import Reference, starts_as_identity
@@ -82,6 +82,11 @@ class InstructionVectorGuidance(TrainingObjective):
     ) -> tuple[InstructionVector, PeftConfig | None] | None:
         if args.ivg_vector is None:
             return None
+        if args.ivg_kl_weight > 0 and peft_config is None and not isinstance(model, PeftModel):
+            raise ValueError(
+                "The guidance's KL term compares the model with itself before training, which needs an adapter to "
+                "switch off: pass a peft_config (or a PeftModel), or set ivg_kl_weight=0."
+            )
         vector = InstructionVector.load(args.ivg_vector)
         vector.vector(args.ivg_task)  # an unknown task (or none named among several) is refused here
         return vector, peft_config
@@ -93,12 +98,19 @@ class InstructionVectorGuidance(TrainingObjective):
         return args.ivg_scale_start + (args.ivg_scale_end - args.ivg_scale_start) * min(progress, 1.0)
 
     def around_step(self, model: torch.nn.Module, inputs: dict[str, Any]) -> contextlib.AbstractContextManager:
+        labels = inputs["labels"]
+        if bool((labels[:, 0] != -100).any()):
+            raise ValueError(
+                "Instruction-vector guidance adds the vector at each row's last prompt token, but some rows train on "
+                "their first token (no prompt masked out of the loss): train on prompt/completion rows with "
+                "completion_only_loss left on, or on conversations with assistant_only_loss=True."
+            )
         scale = self.scale()
         self.trainer.record_metric("ivg_scale", scale)
         if scale == 0:
             return contextlib.nullcontext()
         self._added.copy_(scale * self.vector)
-        positions = last_prompt_positions(inputs["labels"])
+        positions = last_prompt_positions(labels)
         return intervene(self.trainer.accelerator.unwrap_model(model), self._added, self.layer, positions=positions)
 
     @contextlib.contextmanager
@@ -135,11 +147,14 @@ class InstructionVectorGuidance(TrainingObjective):
 
     def _term(self, per_position: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """The mean over rows of each row's hinged KL at its first answer position and/or averaged over its answer
-        positions (``per_position``: [kept], in ``keep``'s order). Hinged per row, the mean over a step's
-        micro-batches and processes is the mean over its rows, however they are split."""
+        positions (``per_position``: [kept], in ``keep``'s order). Each row's term is hinged on its own, so where
+        micro-batches and processes hold as many rows each, the step's term is the mean over its rows however they
+        are split."""
         args = self.trainer.args
         lengths = keep.sum(dim=1)
         answered = lengths > 0
+        if not bool(answered.any()):  # every answer truncated away: nothing to compare, a zero in the graph
+            return per_position.sum() * 0
         first = torch.cat([lengths.new_zeros(1), lengths.cumsum(0)[:-1]])[answered]
         rows = torch.repeat_interleave(torch.arange(len(lengths), device=keep.device), lengths)
         terms = []

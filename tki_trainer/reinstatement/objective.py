@@ -3,6 +3,7 @@ Trainer's own micro-batch, with one more forward through the examples' prior inp
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -48,14 +49,12 @@ class ReinstatementObjective(TrainingObjective):
 
     name = "reinst"
     in_batch = True
+    shares_examples = True
 
     def __init__(self, trainer: Any, prepared: Any) -> None:
         super().__init__(trainer, prepared)
-        self.store = self._store(prepared) if trainer.args.prior_inputs_mode == "store" else None
-
-    @property
-    def needs_example_ids(self) -> bool:  # the store is read by example id
-        return self.store is not None
+        self.store = self._build_store(prepared) if trainer.args.prior_inputs_mode == "store" else None
+        self.needs_example_ids = self.store is not None  # the store is read by example id
 
     @classmethod
     def prepare(
@@ -63,7 +62,7 @@ class ReinstatementObjective(TrainingObjective):
     ) -> Any:
         return train_dataset if args.kr else None
 
-    def _store(self, rows: Any) -> PriorInputStore:
+    def _build_store(self, rows: Any) -> PriorInputStore:
         """The training rows' prior inputs, computed with the base model (adapters off) if no store was given."""
         trainer, args = self.trainer, self.trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
@@ -134,3 +133,6 @@ class ReinstatementObjective(TrainingObjective):
 
     def card_text(self) -> str:
         return reinstatement_reading(self.trainer.args)
+
+    def uploads(self) -> dict[str, Path]:
+        return {} if self.store is None else {"prior_inputs": Path(self.store.path)}
