@@ -24,7 +24,7 @@ def saved_vector(tmp_path, scale=3.0):
 
 def trainer_with(tmp_path, name, lta=True, **settings):
     """A TKI trainer; ``lta=False`` trains a plain LoRA, whose forwards need no routing."""
-    args = TKIConfig(**common(tmp_path, name, max_steps=3), **{"kr": False, "lta": lta, **settings})
+    args = TKIConfig(**{**common(tmp_path, name, max_steps=3), "kr": False, "lta": lta, **settings})
     peft_config = tki_config() if lta else shared_lora()
     return TKITrainer(
         tiny_llama(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer(), peft_config=peft_config
@@ -164,3 +164,21 @@ def test_rows_that_train_on_their_prompt_are_refused_at_the_first_step(tmp_path)
     )
     with pytest.raises(ValueError, match="some rows train on their first token"):
         trainer.train()
+
+
+def test_training_with_activation_checkpointing_equals_training_without(tmp_path):
+    """The backward recomputes layers under checkpointing; the vector, added to a layer's output, reaches the next
+    layers through the inputs checkpointing saved, so both the guided forward and the KL term's unguided one train
+    as without checkpointing, step for step."""
+    vector = saved_vector(tmp_path)
+    runs = {}
+    for checkpointing in (False, True):
+        trainer = trainer_with(
+            tmp_path, f"ckpt_{checkpointing}", lta=False, ivg_vector=vector, ivg_kl_weight=1.0, ivg_kl_hinge=0.0,
+            ivg_scale_end=1.0, activation_checkpointing=checkpointing,
+        )  # fmt: skip
+        trainer.train()
+        runs[checkpointing] = trainer
+    assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-5)
+    for a, b in zip(runs[False].model.parameters(), runs[True].model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
