@@ -47,8 +47,8 @@ def last_prompt_positions(labels: torch.Tensor) -> torch.Tensor:
 
 class InstructionVectorGuidance(TrainingObjective):
     """IV-guided fine-tuning (see the module's docstring). Logs ``ivg_scale`` and ``loss_ivg_kl`` (the KL term
-    before its weight). The KL term takes its own backward through the engine, with the progressive intervention
-    held off for its forward and backward (activation checkpointing recomputes the forward inside the backward)."""
+    before its weight). The KL term takes its own backward through the engine inside ``compute_loss``, with the
+    progressive intervention held off (the model's output without the vector is what the term compares)."""
 
     name = "ivg"
     in_batch = True
