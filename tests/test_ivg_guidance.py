@@ -1,14 +1,18 @@
 """Instruction-vector guidance as a TKITrainer objective: switched off it is TKI, its KL term and gradient equal a
 hand computation, the progressive intervention adds the scaled vector at each row's last prompt token."""
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
+from datasets import Dataset
 
 from conftest import tiny_llama, tiny_tokenizer, tki_config
+from test_ivg import task_rows
 from test_trainer import common, losses, rows, shared_lora
 from tki_trainer import TKIConfig, TKITrainer
-from tki_trainer.ivg import InstructionVector, intervene
+from tki_trainer.ivg import InstructionVector, IVConfig, extract_instruction_vector, intervene
 from tki_trainer.ivg.guidance import InstructionVectorGuidance, last_prompt_positions
 from tki_trainer.objective import MicroBatch
 
@@ -141,6 +145,9 @@ def test_the_card_says_which_vector_guided_training(tmp_path):
         (dict(ivg_kl_weight=-1.0), "ivg_kl_weight"),
         (dict(completion_only_loss=False), "last prompt token"),
         (dict(kr=True, prior_inputs_mode="on_the_fly"), "prior_inputs_mode='store' with ivg_vector"),
+        (dict(ivg_tasks="tasks.jsonl"), "not both"),
+        (dict(ivg_vector=None, ivg_tasks="missing.jsonl"), "saved dataset folder of task rows"),
+        (dict(ivg_vector=None, ivg_tasks="x.jsonl", ivg_extraction='{"shots": 0}'), "shots=0"),
     ],
 )
 def test_bad_guidance_settings_are_refused_before_training(tmp_path, settings, message):
@@ -182,3 +189,25 @@ def test_training_with_activation_checkpointing_equals_training_without(tmp_path
     assert losses(runs[True]) == pytest.approx(losses(runs[False]), rel=1e-5)
     for a, b in zip(runs[False].model.parameters(), runs[True].model.parameters()):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_a_vector_extracted_from_tasks_at_construction_equals_the_one_extracted_directly(tmp_path):
+    """``ivg_tasks``: extracted from the model before training (adapters off), with ``ivg_extraction``'s settings,
+    cached under the run's directory, and the mean of the tasks' vectors guides training."""
+    data = tmp_path / "tasks.jsonl"
+    Dataset.from_list(task_rows()).to_json(data)
+    settings = dict(
+        shots=2, activation_prompts=4, effect_prompts=2, correct_top_k=None, top_heads=3, heads_per_batch=3
+    )
+    trainer = trainer_with(tmp_path, "extracted", lta=False, ivg_tasks=str(data), ivg_extraction=json.dumps(settings))
+    direct = extract_instruction_vector(tiny_llama(), tiny_tokenizer(), task_rows(), IVConfig(**settings))
+    objective = guidance(trainer)
+    assert objective.instruction_vector.tasks == direct.tasks
+    assert objective.instruction_vector.heads == direct.heads
+    torch.testing.assert_close(objective.instruction_vector.vectors, direct.vectors)
+    torch.testing.assert_close(objective.vector, direct.vectors.mean(0))
+    trainer.create_model_card()
+    assert (
+        "the mean vector of upper, echo, extracted from `tasks.jsonl`"
+        in (tmp_path / "extracted" / "README.md").read_text()
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import typing
 from dataclasses import dataclass, field
@@ -13,6 +14,7 @@ from transformers import TrainingArguments
 from trl import SFTConfig
 
 from .flashback import DIVERGENCES
+from .ivg.config import IVConfig
 from .reinstatement.losses import REINSTATEMENT_TARGETS
 from .reinstatement.settings import PriorInputConfig
 
@@ -142,8 +144,14 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         ivg_vector (`str`, *optional*):
             Directory of an `InstructionVector` (`extract_instruction_vector`, `python -m tki_trainer.ivg`): guide
             training with it (progressive intervention and the KL term). Unset: no guidance.
+        ivg_tasks (`str`, *optional*):
+            Instead of `ivg_vector`: rows of tasks (task, input, output; a data file or a saved dataset folder) to
+            extract the vector from, with the model before training, at construction (resumable, cached under
+            `output_dir/_tki_cache`).
+        ivg_extraction (`str`, *optional*):
+            `IVConfig` settings for extraction from `ivg_tasks`, as JSON (e.g. `'{"shots": 5}'`); unset: the paper's.
         ivg_task (`str`, *optional*):
-            Which task's vector of `ivg_vector` (needed when it holds several).
+            Which task's vector guides training; unset: the only task's, or the mean of the tasks' vectors.
         ivg_scale_start (`float`, *optional*, defaults to `1.0`):
             Scale of the vector added at the last prompt token at the first step (paper: 1).
         ivg_scale_end (`float`, *optional*, defaults to `0.0`):
@@ -287,8 +295,26 @@ class TKIConfig(SFTConfig, PriorInputArguments):
             "training with it (progressive intervention and the KL term). Unset: no guidance."
         },
     )
+    ivg_tasks: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "Instead of ivg_vector: rows of tasks (task, input, output; a data file or a saved dataset "
+            "folder) to extract the vector from, with the model before training, at construction (resumable, "
+            "cached under output_dir/_tki_cache)."
+        },
+    )
+    ivg_extraction: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "IVConfig settings for extraction from ivg_tasks, as JSON (e.g. '{\"shots\": 5}'); unset: the "
+            "paper's."
+        },
+    )
     ivg_task: Optional[str] = field(
-        default=None, metadata={"help": "Which task's vector of ivg_vector (needed when it holds several)."}
+        default=None,
+        metadata={
+            "help": "Which task's vector guides training; unset: the only task's, or the mean of the tasks' vectors."
+        },
     )
     ivg_scale_start: float = field(
         default=1.0,
@@ -443,9 +469,25 @@ class TKIConfig(SFTConfig, PriorInputArguments):
         )
         return next((message for found, message in conflicts if found), None)
 
+    @property
+    def guided(self) -> bool:
+        """Whether instruction-vector guidance trains: a vector, or tasks to extract one from."""
+        return self.ivg_vector is not None or self.ivg_tasks is not None
+
     def _check_guidance(self) -> None:
         """Instruction-vector guidance's settings (the vector itself is read and checked by the trainer)."""
-        if self.ivg_vector is not None:
+        if self.ivg_vector is not None and self.ivg_tasks is not None:
+            raise ValueError("Pass ivg_vector (a saved vector) or ivg_tasks (tasks to extract it from), not both.")
+        if self.ivg_extraction is not None:
+            if self.ivg_tasks is None:
+                raise ValueError("ivg_extraction sets how a vector is extracted from ivg_tasks: pass ivg_tasks too.")
+            try:
+                IVConfig(**json.loads(self.ivg_extraction))
+            except (json.JSONDecodeError, TypeError) as error:
+                raise ValueError(
+                    f"ivg_extraction={self.ivg_extraction!r} is not a JSON object of IVConfig fields ({error})."
+                ) from None
+        if self.guided:
             engine = self._engine()
             if engine:
                 raise ValueError(

@@ -134,6 +134,14 @@ def evaluation_table(log_history: list[dict[str, Any]]) -> str:
     return f"At step {last.get('step', '?')}:\n\n| metric | value |\n|---|---|\n" + "\n".join(rows)
 
 
+def add_objectives(adapter_dir: str | os.PathLike, texts: Sequence[str | None], citations: Sequence[str]) -> None:
+    """Append to a card SFTTrainer wrote what each auxiliary objective says of its training, and their papers."""
+    card = Path(adapter_dir) / "README.md"
+    lines = "\n\n".join(text for text in texts if text)
+    papers = "".join(f"\n\n```bibtex\n{citation}\n```" for citation in citations)
+    write_model_card(adapter_dir, f"{card.read_text().rstrip()}\n\n## Training objectives\n\n{lines}{papers}\n")
+
+
 def write_model_card(adapter_dir: str | os.PathLike, text: str) -> None:
     """Replace PEFT's generic ``README.md`` in the adapter directory."""
     with staged_file(Path(adapter_dir) / "README.md") as staging:

@@ -73,7 +73,7 @@ class TKITrainer(SFTTrainer):
             formatting_func=formatting_func,
             compute_loss_func=kwargs.get("compute_loss_func"),
         )
-        if (args.lta or args.kr or args.ivg_vector) and args.n_gpu > 1:
+        if (args.lta or args.kr or args.guided) and args.n_gpu > 1:
             raise ValueError(
                 f"This process sees {args.n_gpu} GPUs, so the Trainer would split each batch with "
                 "torch.nn.DataParallel, which TKI's per-example routing, reinstatement and guidance do not follow: run one "
@@ -251,16 +251,18 @@ class TKITrainer(SFTTrainer):
         evaluation: str | None = None,
         **kwargs: Any,
     ) -> None:
-        """With ``lta``, the TKI card (`hub.write_trainer_card`); without, SFTTrainer's."""
+        """With ``lta``, the TKI card (`hub.write_trainer_card`); without, SFTTrainer's, with what each objective
+        says of its training (`hub.add_objectives`)."""
+        citations = [paper["citation"] for paper in (o.paper for o in self.objectives) if paper]
         if not self.args.lta:
-            return super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
-        if self.is_world_process_zero():
-            papers = [self._paper, *(objective.paper for objective in self.objectives)]
-            citations = [paper["citation"] for paper in papers if paper]
+            super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
+            if self.is_world_process_zero() and self.objectives:
+                hub.add_objectives(self.args.output_dir, [o.card_text() for o in self.objectives], citations)
+        elif self.is_world_process_zero():
+            citations = [self._paper["citation"], *citations]
             hub.write_trainer_card(
                 self, citations, model_name=model_name, dataset_name=dataset_name, evaluation=evaluation
             )
-        return None
 
     def push_to_hub(
         self,

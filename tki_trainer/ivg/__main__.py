@@ -10,18 +10,14 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import MISSING, fields
-from pathlib import Path
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from ..embedded import load_embedded_model
 from .config import IVConfig
+from .data import load_rows
 from .extraction import extract_instruction_vector
-
-
-BUILDERS = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def _flag(text: str) -> bool:
@@ -58,20 +54,14 @@ def parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_rows(data: str) -> Dataset:
-    path = Path(data)
-    if (path / "dataset_info.json").is_file():
-        return load_from_disk(str(path))
-    if path.suffix not in BUILDERS or not path.is_file():
-        raise SystemExit(f"--data {data}: give a {'/'.join(BUILDERS)} file or a saved dataset folder.")
-    return load_dataset(BUILDERS[path.suffix], data_files=str(path), split="train")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = vars(parser().parse_args(argv))
     data, output_dir, model_name = args.pop("data"), args.pop("output_dir"), args.pop("model")
     config = IVConfig(**args)
-    rows = load_rows(data)
+    try:
+        rows = load_rows(data)
+    except ValueError as error:
+        raise SystemExit(f"--data: {error}") from None
     if model_name == "embedded":
         model, tokenizer = load_embedded_model()
     else:

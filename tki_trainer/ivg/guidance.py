@@ -13,17 +13,25 @@ hinged at 0.1), each a config value.
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import Iterator
+from contextlib import nullcontext
 from typing import Any
 
 import torch
+from datasets import Dataset
 from peft import PeftConfig, PeftModel
 
+from .. import preparation
 from ..flashback.divergence import token_divergence
 from ..flashback.reference import Reference, starts_as_identity
 from ..gradients import GradientEngine
+from ..hub import public_name
 from ..logits import log_probabilities, logits_at
 from ..objective import MicroBatch, TrainingObjective
+from .config import IVConfig
+from .data import load_rows
+from .extraction import extract_instruction_vector
 from .intervention import check_intervention, intervene
 from .vector import InstructionVector
 
@@ -60,35 +68,59 @@ class InstructionVectorGuidance(TrainingObjective):
         "Lian and Ying Wei}\n}",
     }
 
-    def __init__(self, trainer: Any, prepared: tuple[InstructionVector, PeftConfig | None]) -> None:
+    def __init__(self, trainer: Any, prepared: tuple[InstructionVector | Dataset, PeftConfig | None]) -> None:
         super().__init__(trainer, prepared)
-        self.instruction_vector, peft_config = prepared
+        source, peft_config = prepared
         args = trainer.args
         model = trainer.accelerator.unwrap_model(trainer.model)
-        self.vector = self.instruction_vector.vector(args.ivg_task).to(args.device)
-        self.layer = self.instruction_vector.layer
+        needs_before = args.ivg_kl_weight > 0 or not isinstance(source, InstructionVector)
+        before = None  # the model before training: the KL term's reference, and what a vector is extracted from
+        if needs_before and isinstance(model, PeftModel):
+            before = Reference(model, snapshot=not starts_as_identity(peft_config))
+        if isinstance(source, InstructionVector):
+            self.instruction_vector = source
+        else:  # extracted from the model before training, on the main process first; the others read its results
+            with args.main_process_first(desc="instruction vector"), before.active() if before else nullcontext():
+                self.instruction_vector = extract_instruction_vector(
+                    model,
+                    trainer.processing_class,
+                    source,
+                    IVConfig(**json.loads(args.ivg_extraction or "{}")),
+                    output_dir=preparation.cache_dir(args) / "instruction_vector",
+                )
+        vectors = self.instruction_vector
+        self.vector = (vectors.vectors.mean(0) if args.ivg_task is None else vectors.vector(args.ivg_task)).to(
+            args.device
+        )
+        self.layer = vectors.layer
         check_intervention(model, self.vector, self.layer, args.ivg_scale_start)
-        self.reference = None
-        if args.ivg_kl_weight > 0:
-            self.reference = Reference(
-                model, snapshot=not (peft_config is not None and starts_as_identity(peft_config))
-            )
+        self.reference = before if args.ivg_kl_weight > 0 else None
         self._added = torch.zeros_like(self.vector)
         """What the progressive intervention adds now: ``s(t) * IV``, zero while it is held off."""
 
     @classmethod
     def prepare(
         cls, args: Any, *, model: Any, peft_config: PeftConfig | None, train_dataset: Any, sources: dict[str, Any]
-    ) -> tuple[InstructionVector, PeftConfig | None] | None:
-        if args.ivg_vector is None:
+    ) -> tuple[InstructionVector | Dataset, PeftConfig | None] | None:
+        """The vector (``ivg_vector``), or the rows of the tasks to extract it from (``ivg_tasks``, with the
+        `IVConfig` overrides of ``ivg_extraction`` checked here)."""
+        if not args.guided:
             return None
         if args.ivg_kl_weight > 0 and peft_config is None and not isinstance(model, PeftModel):
             raise ValueError(
                 "The guidance's KL term compares the model with itself before training, which needs an adapter to "
                 "switch off: pass a peft_config (or a PeftModel), or set ivg_kl_weight=0."
             )
+        if args.ivg_tasks is not None:
+            settings = IVConfig(**json.loads(args.ivg_extraction or "{}"))
+            rows = load_rows(args.ivg_tasks)
+            tasks = sorted(set(rows[settings.task_column]))
+            if args.ivg_task is not None and args.ivg_task not in tasks:
+                raise ValueError(f"ivg_task={args.ivg_task!r} is not a task of {args.ivg_tasks}: {tasks[:10]}.")
+            return rows, peft_config
         vector = InstructionVector.load(args.ivg_vector)
-        vector.vector(args.ivg_task)  # an unknown task (or none named among several) is refused here
+        if args.ivg_task is not None:
+            vector.vector(args.ivg_task)  # an unknown task is refused here
         return vector, peft_config
 
     def scale(self) -> float:
@@ -168,8 +200,10 @@ class InstructionVectorGuidance(TrainingObjective):
     def card_text(self) -> str:
         args = self.trainer.args
         tasks = ", ".join(self.instruction_vector.tasks) if args.ivg_task is None else args.ivg_task
+        source = f", extracted from `{public_name(args.ivg_tasks)}`" if args.ivg_tasks else ""
+        mean = "the mean vector" if args.ivg_task is None and len(self.instruction_vector.tasks) > 1 else "the vector"
         return (
-            f"Instruction-vector guidance: the vector of {tasks} (layer {self.layer}, "
+            f"Instruction-vector guidance: {mean} of {tasks}{source} (layer {self.layer}, "
             f"{len(self.instruction_vector.heads)} heads) added at the last prompt token with a scale from "
             f"{args.ivg_scale_start:g} to {args.ivg_scale_end:g} over training, and a KL term (weight "
             f"{args.ivg_kl_weight:g}, {args.ivg_kl_positions} positions, temperature {args.ivg_kl_temperature:g}, "
