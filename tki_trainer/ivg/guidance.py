@@ -114,6 +114,14 @@ class InstructionVectorGuidance(TrainingObjective):
         if args.ivg_tasks is not None:
             settings = IVConfig(**json.loads(args.ivg_extraction or "{}"))
             rows = load_rows(args.ivg_tasks)
+            missing = sorted(
+                {settings.task_column, settings.input_column, settings.output_column} - set(rows.column_names)
+            )
+            if missing:
+                raise ValueError(
+                    f"{args.ivg_tasks} has no column {missing}: give rows with task, input and output columns, or name "
+                    "yours in ivg_extraction (task_column, input_column, output_column)."
+                )
             tasks = sorted(set(rows[settings.task_column]))
             if args.ivg_task is not None and args.ivg_task not in tasks:
                 raise ValueError(f"ivg_task={args.ivg_task!r} is not a task of {args.ivg_tasks}: {tasks[:10]}.")
