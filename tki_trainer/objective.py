@@ -1,4 +1,4 @@
-"""The shape of an auxiliary training objective, and the registry `TKITrainer` builds its objectives from.
+"""The shape of an auxiliary training objective of `TKITrainer`.
 
 An objective adds a term to SFTTrainer's loss. It is either *in-batch* (its term comes from the micro-batch the
 Trainer trains on and that forward's outputs: knowledge reinstatement) or brings *its own micro-batch* after the
@@ -75,8 +75,9 @@ class TrainingObjective:
 
     def loss(self, batch: MicroBatch, engine: GradientEngine) -> torch.Tensor:
         """In-batch objectives: the weighted term, on the scale of ``compute_loss``'s result (the Trainer multiplies
-        it by ``engine.scale``), added to the loss the Trainer backpropagates. A term whose gradient the objective
-        took or declared through ``engine`` (with PCGrad, or a backward of its own) is returned detached."""
+        it by ``engine.scale``), added to the loss the Trainer backpropagates. With PCGrad (``engine.projects``) the
+        objective takes or declares its gradient through ``engine`` and the trainer adds only the term's value; a
+        term whose gradient the objective took with a backward of its own is returned detached either way."""
         raise NotImplementedError
 
     def own_step(self, model: torch.nn.Module, engine: GradientEngine) -> torch.Tensor:
