@@ -12,39 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from datasets import Dataset, load_dataset, load_from_disk
+from datasets import Dataset
 from safetensors.torch import load_file, save_file
 from torch.nn.utils.rnn import pad_sequence
 from tqdm.auto import tqdm
 
 from .._io import staged_file
+from ..data.local import load_rows
 from ..data.tokenization import tokenize_prompt
 from ..tuner import bypass_bank, route
 from .reference import Reference
 
 
-FILE_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
-
-
 def load_flashback_rows(source: Dataset | str) -> Dataset:
     """Flashback rows with a ``prompt`` column, from a `Dataset`, a saved dataset folder, a data file
-    (json/jsonl/parquet/csv), a folder of data files, or a Hub id. Completions are dropped (flashbacks are prompts
-    only); a ``messages`` row becomes every turn before its last assistant turn, or all of it when it has none."""
-    if isinstance(source, Dataset):
-        rows = source
-    elif Path(source, "dataset_info.json").is_file():
-        rows = load_from_disk(source)
-    elif Path(source).is_file():
-        builder = FILE_BUILDERS.get(Path(source).suffix)
-        if builder is None:
-            raise ValueError(
-                f"flashback_dataset={source}: give a {'/'.join(FILE_BUILDERS)} file, a folder or a Hub id."
-            )
-        rows = load_dataset(builder, data_files=str(source), split="train")
-    else:
-        rows = load_dataset(source, split="train")
-    if not isinstance(rows, Dataset):
-        raise ValueError(f"flashback_dataset={source!r} holds several splits: save or pass the one split to use.")
+    (json/jsonl/parquet/csv) or a Hub id. Completions are dropped (flashbacks are prompts only); a ``messages`` row
+    becomes every turn before its last assistant turn, or all of it when it has none."""
+    rows = load_rows(source, "flashback_dataset")
     columns = set(rows.column_names)
     if "prompt" not in columns and "messages" in columns:
         rows = rows.map(_messages_prompt, remove_columns="messages", desc="Flashback prompts from messages")

@@ -14,9 +14,9 @@ from dataclasses import MISSING, fields
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from ..data.local import load_rows
 from ..embedded import load_embedded_model
 from .config import IVConfig
-from .data import load_rows
 from .extraction import extract_instruction_vector
 
 
@@ -59,9 +59,9 @@ def main(argv: list[str] | None = None) -> None:
     data, output_dir, model_name = args.pop("data"), args.pop("output_dir"), args.pop("model")
     config = IVConfig(**args)
     try:
-        rows = load_rows(data)
+        rows = load_rows(data, "--data")
     except ValueError as error:
-        raise SystemExit(f"--data: {error}") from None
+        raise SystemExit(str(error)) from None
     if model_name == "embedded":
         model, tokenizer = load_embedded_model()
     else:

@@ -23,6 +23,7 @@ from datasets import Dataset
 from peft import PeftConfig, PeftModel
 
 from .. import preparation
+from ..data.local import load_rows
 from ..flashback.divergence import token_divergence
 from ..flashback.reference import Reference, starts_as_identity
 from ..gradients import GradientEngine
@@ -30,7 +31,6 @@ from ..hub import public_name
 from ..logits import log_probabilities, logits_at
 from ..objective import MicroBatch, TrainingObjective
 from .config import IVConfig
-from .data import load_rows
 from .extraction import extract_instruction_vector
 from .intervention import check_intervention, intervene
 from .vector import InstructionVector
@@ -113,7 +113,7 @@ class InstructionVectorGuidance(TrainingObjective):
             )
         if args.ivg_tasks is not None:
             settings = IVConfig(**json.loads(args.ivg_extraction or "{}"))
-            rows = load_rows(args.ivg_tasks)
+            rows = load_rows(args.ivg_tasks, "ivg_tasks")
             missing = sorted(
                 {settings.task_column, settings.input_column, settings.output_column} - set(rows.column_names)
             )
