@@ -9,7 +9,15 @@ from .data import add_query_embeddings
 from .embedded import load_embedded_encoder, load_embedded_model
 from .presets import embedded_lora_config
 from .reinstatement import PriorInputConfig, PriorInputStore, compute_prior_inputs
-from .tagi import InstructionLoraConfig, InstructionLoraModel, export_instruction_lora, generate_for, generate_lora
+from .tagi import (
+    InstructionLoraConfig,
+    InstructionLoraModel,
+    TAGIConfig,
+    TAGITrainer,
+    export_instruction_lora,
+    generate_for,
+    generate_lora,
+)
 from .trainer import TKITrainer
 from .tuner import LatentLoraConfig, TKIModel, export_lora, route
 
@@ -19,6 +27,8 @@ __version__ = "0.1.0"
 __all__ = [
     "InstructionLoraConfig",
     "InstructionLoraModel",
+    "TAGIConfig",
+    "TAGITrainer",
     "LatentLoraConfig",
     "PriorInputConfig",
     "PriorInputStore",

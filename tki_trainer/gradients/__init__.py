@@ -2,7 +2,7 @@
 PCGrad's projection, and the capture of an example subset's share of a backward."""
 
 from .capture import GradientCapture
-from .engine import GradientEngine
+from .engine import GradientEngine, accumulation_steps, loss_factor, micro_batch_weight
 from .pcgrad import Projection, project
 from .sums import ObjectiveGradients
 
@@ -12,5 +12,8 @@ __all__ = [
     "GradientEngine",
     "ObjectiveGradients",
     "Projection",
+    "accumulation_steps",
+    "loss_factor",
+    "micro_batch_weight",
     "project",
 ]

@@ -70,20 +70,11 @@ class GradientEngine:
     @property
     def accumulation_steps(self) -> int:
         """Micro-batches in the current optimizer step (the Trainer's count, set by its loop; else the argument)."""
-        trainer = self.trainer
-        return getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+        return accumulation_steps(self.trainer)
 
     def scale(self, num_items_in_batch: Any) -> float:
-        """The factor `Trainer.training_step` applies to ``compute_loss``'s result before its backward: ``1 /
-        accumulation steps`` unless the loss is already normalised over the effective batch. The one mirror of the
-        Trainer's step, pinned by a test against the installed transformers."""
-        trainer = self.trainer
-        scaled = trainer.loss_is_scaled_for_ga
-        if scaled is None:
-            scaled = (
-                trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
-            ) or trainer.compute_loss_func is not None
-        return 1.0 if scaled else 1.0 / self.accumulation_steps
+        """The factor `Trainer.training_step` applies to ``compute_loss``'s result before its backward (`loss_factor`)."""
+        return loss_factor(self.trainer, num_items_in_batch)
 
     @contextlib.contextmanager
     def recording(self, batch_size: int) -> Iterator[None]:
@@ -152,3 +143,26 @@ def cosine_metric(first: str, second: str) -> str:
     """The log name of two objectives' gradient cosine (``pcgrad_cosine`` for SFT and reinstatement)."""
     pair = [name for name in (first, second) if name != SFT]
     return "pcgrad_cosine" if pair == ["reinst"] else "_".join(["pcgrad_cosine", *pair])
+
+
+def accumulation_steps(trainer: Trainer) -> int:
+    """Micro-batches in the current optimizer step (the Trainer's count, set by its loop; else the argument)."""
+    return getattr(trainer, "current_gradient_accumulation_steps", trainer.args.gradient_accumulation_steps)
+
+
+def loss_factor(trainer: Trainer, num_items_in_batch: Any) -> float:
+    """The factor `Trainer.training_step` applies to ``compute_loss``'s result before its backward: ``1 /
+    accumulation steps`` unless the loss is already normalised over the effective batch. The one mirror of the
+    Trainer's step, pinned by a test against the installed transformers."""
+    scaled = trainer.loss_is_scaled_for_ga
+    if scaled is None:
+        scaled = (
+            trainer.model_accepts_loss_kwargs and num_items_in_batch is not None
+        ) or trainer.compute_loss_func is not None
+    return 1.0 if scaled else 1.0 / accumulation_steps(trainer)
+
+
+def micro_batch_weight(trainer: Trainer, num_items_in_batch: Any) -> float:
+    """What a per-micro-batch mean is multiplied by inside ``compute_loss``'s result so that, after the Trainer's
+    factor, the optimizer step takes the mean over its micro-batches (as TRL does for the MoE auxiliary loss)."""
+    return 1.0 / (accumulation_steps(trainer) * loss_factor(trainer, num_items_in_batch))

@@ -11,7 +11,7 @@ from .config import PEFT_TYPE, InstructionLoraConfig
 from .export import export_instruction_lora
 from .hypernet import LoraHypernetwork, ModuleSpec
 from .layer import InstructionLoraLayer, Linear
-from .model import InstructionLoraModel, find_instruction_tuner, generate_for, generate_lora
+from .model import InstructionLoraModel, apply_lora, find_instruction_tuner, generate_for, generate_lora
 
 
 PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_TYPE] = InstructionLoraConfig
@@ -26,6 +26,7 @@ __all__ = [
     "Linear",
     "LoraHypernetwork",
     "ModuleSpec",
+    "apply_lora",
     "export_instruction_lora",
     "find_instruction_tuner",
     "generate_for",

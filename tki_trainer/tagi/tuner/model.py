@@ -15,7 +15,7 @@ from ...tuner.model import _model_inputs
 from .config import InstructionLoraConfig
 from .hypernet import LoraHypernetwork, ModuleSpec
 from .layer import InstructionLoraLayer, Linear
-from .routing import InstructionRouter, check_instruction_embeddings
+from .routing import Factors, GivenLora, InstructionRouter, check_instruction_embeddings
 
 
 class InstructionLoraModel(BaseTuner):
@@ -150,6 +150,21 @@ def generate_for(model: nn.Module, instruction_embeddings: torch.Tensor) -> Iter
     ``num_return_sequences``) follow their example."""
     tuner = find_instruction_tuner(model)
     with tuner.router.use(instruction_embeddings, tuner.active_adapters):
+        yield
+
+
+@contextmanager
+def apply_lora(model: nn.Module, factors: dict[str, Factors], task_of_example: torch.Tensor) -> Iterator[None]:
+    """Apply, inside the block, given LoRA factors instead of generated ones: ``factors`` is ``{module name: (lora_A
+    [tasks, r, in], lora_B [tasks, out, r])}`` in PEFT's layout with each LoRA's ``lora_alpha / r`` already in
+    ``lora_B``, ``task_of_example`` [batch] picks each example's LoRA. A batch may mix LoRAs: this is how TAGI's
+    teachers, one LoRA per task category, read a batch in one forward through the same layers as the student."""
+    tuner = find_instruction_tuner(model)
+    adapter = tuner.peft_config[tuner.active_adapters[0]]
+    device = next(tuner.tagi_hypernet.parameters()).device
+    factors = {name: (a.to(device), b.to(device)) for name, (a, b) in factors.items()}
+    lora = GivenLora(factors, task_of_example.to(device), adapter.lora_alpha / adapter.r)
+    with tuner.router.use_given(lora):
         yield
 
 

@@ -19,15 +19,12 @@ from .config import InstructionLoraConfig
 Factors = tuple[torch.Tensor, torch.Tensor]
 
 
-class Instructions:
-    """The instruction embeddings of one batch: its distinct tasks, the task of each row, and (without autograd)
-    the adapters generated for them."""
+class _PerExample:
+    """A task index for each example of one batch."""
 
-    def __init__(self, instruction_embeddings: torch.Tensor) -> None:
-        self.batch_size = instruction_embeddings.shape[0]
-        self.tasks, self._task_of_example = torch.unique(instruction_embeddings, dim=0, return_inverse=True)
-        self._generated: dict[str, tuple[tuple, dict[str, Factors]]] = {}
-        self._gathered: dict[tuple[str, str, int], tuple[tuple, Factors]] = {}
+    def __init__(self, task_of_example: torch.Tensor) -> None:
+        self.batch_size = task_of_example.shape[0]
+        self._task_of_example = task_of_example
 
     def task_of_row(self, rows: int) -> torch.Tensor:
         """The task index of each of ``rows`` input rows: ``generate`` with beam search or ``num_return_sequences``
@@ -38,6 +35,17 @@ class Instructions:
                 "instruction embedding per example of the batch."
             )
         return self._task_of_example.repeat_interleave(rows // self.batch_size)
+
+
+class Instructions(_PerExample):
+    """The instruction embeddings of one batch: its distinct tasks, the task of each row, and (without autograd)
+    the adapters generated for them."""
+
+    def __init__(self, instruction_embeddings: torch.Tensor) -> None:
+        self.tasks, task_of_example = torch.unique(instruction_embeddings, dim=0, return_inverse=True)
+        super().__init__(task_of_example)
+        self._generated: dict[str, tuple[tuple, dict[str, Factors]]] = {}
+        self._gathered: dict[tuple[str, str, int], tuple[tuple, Factors]] = {}
 
     def cached_factors(self, adapter_name: str, module_name: str, rows: int, hypernet: nn.Module) -> Factors:
         """Without autograd: the whole adapter is generated in one hypernetwork call per distinct task, and each
@@ -55,6 +63,27 @@ class Instructions:
             cached = (version, (a[task].transpose(1, 2).contiguous(), b[task]))
             self._gathered[adapter_name, module_name, rows] = cached
         return cached[1]
+
+
+class GivenLora(_PerExample):
+    """LoRA factors given per task instead of generated: a stack of trained LoRAs (TAGI's teachers) applied through
+    the tuner's layers, so a batch may mix them in the same gathered product."""
+
+    def __init__(self, factors: Mapping[str, Factors], task_of_example: torch.Tensor, scaling: float) -> None:
+        super().__init__(task_of_example)
+        # PEFT's layout in, the layers' out: A^T [tasks, in, r], B^T [tasks, r, out], divided by the layer's scaling
+        # because the factors come with their own (B times the LoRA's lora_alpha / r).
+        self._factors = {name: (a.transpose(1, 2), b.transpose(1, 2) / scaling) for name, (a, b) in factors.items()}
+
+    def factors(self, module_name: str, rows: int) -> Factors:
+        if module_name not in self._factors:
+            raise ValueError(
+                f"The given LoRA has no factors for {module_name!r}, which the instruction-LoRA adapter targets: "
+                "train the LoRA with the adapter's target_modules."
+            )
+        task = self.task_of_row(rows)
+        a, b = self._factors[module_name]
+        return a.index_select(0, task), b.index_select(0, task)
 
 
 def check_instruction_embeddings(
@@ -99,7 +128,7 @@ class InstructionRouter:
     def __init__(self, hypernets: nn.ModuleDict, configs: Mapping[str, InstructionLoraConfig]) -> None:
         self._hypernets = hypernets
         self._configs = configs
-        self._context: list[Instructions] = []
+        self._context: list[Instructions | GivenLora] = []
         self._call: Instructions | None = None
 
     def resolve(self, instruction_embeddings: torch.Tensor, adapter_names: list[str]) -> Instructions:
@@ -111,8 +140,16 @@ class InstructionRouter:
             instruction_embeddings = instruction_embeddings.to(device)
         return Instructions(instruction_embeddings)
 
+    @contextmanager
+    def use_given(self, lora: GivenLora) -> Iterator[None]:
+        self._context.append(lora)
+        try:
+            yield
+        finally:
+            self._context.pop()
+
     @property
-    def current(self) -> Instructions | None:
+    def current(self) -> Instructions | GivenLora | None:
         if self._call is not None:
             return self._call
         return self._context[-1] if self._context else None
@@ -129,7 +166,7 @@ class InstructionRouter:
         finally:
             self._context.pop()
 
-    def require(self) -> Instructions:
+    def require(self) -> Instructions | GivenLora:
         """The instructions in force, or the error that tells the caller how to give them."""
         instructions = self.current
         if instructions is None:
@@ -149,6 +186,8 @@ class InstructionRouter:
         never reach a hypernetwork graph an earlier backward has freed.
         """
         instructions = self.require()
+        if isinstance(instructions, GivenLora):
+            return instructions.factors(module_name, rows)
         hypernet = self._hypernets[adapter_name]
         if not torch.is_grad_enabled():
             return instructions.cached_factors(adapter_name, module_name, rows, hypernet)

@@ -1,0 +1,228 @@
+"""TAGITrainer: the hypernetwork's training loss against hand computations (prediction, distillation from teachers
+read as plain PEFT LoRAs, parameter matching), what trains, the card, and bad input refused before any work."""
+
+import copy
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import Dataset
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import load_file
+
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer
+from test_tagi import tagi_model
+from test_trainer import ROWS, common
+from tki_trainer.data.tokenization import tokenize_row
+from tki_trainer.tagi import (
+    InstructionLoraConfig,
+    TAGIConfig,
+    TAGITrainer,
+    generate_for,
+    generate_lora,
+    teacher_prompt,
+    teacher_rows,
+)
+
+
+INSTRUCTIONS = {"a": "Complete the sentence.", "b": "Answer the question."}
+
+
+def rows():
+    generator = torch.Generator().manual_seed(5)
+    embeddings = {name: torch.randn(KEY_DIM, generator=generator).tolist() for name in INSTRUCTIONS}
+    data = []
+    for i, (prompt, completion) in enumerate(ROWS):
+        teacher = "a" if i % 2 == 0 else "b"
+        data.append(
+            {
+                "prompt": prompt,
+                "completion": completion,
+                "instruction": INSTRUCTIONS[teacher],
+                "instruction_embedding": embeddings[teacher],
+                "teacher": teacher,
+            }
+        )
+    return Dataset.from_list(data)
+
+
+def save_teacher(path, seed, **overrides):
+    """A plain PEFT LoRA on q/v with every weight random, as SFTTrainer would save a trained one."""
+    config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **overrides})
+    model = get_peft_model(tiny_llama(), config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.3)
+    model.save_pretrained(path)
+    return str(path)
+
+
+def teachers(tmp_path):
+    return {"a": save_teacher(tmp_path / "teacher-a", 1), "b": save_teacher(tmp_path / "teacher-b", 2, lora_alpha=4)}
+
+
+def tagi_args(tmp_path, **overrides):
+    values = common(tmp_path, "tagi", max_steps=1, per_device_train_batch_size=len(ROWS))
+    values.update(overrides)
+    return TAGIConfig(**values)
+
+
+def logged(trainer, name):
+    return [entry[name] for entry in trainer.state.log_history if name in entry]
+
+
+def answer_logits(model, prompt, completion, tokenizer):
+    """Logits predicting the answer tokens of one row, as an explicit per-row forward."""
+    row = tokenize_row(tokenizer, prompt, completion)
+    logits = model(input_ids=torch.tensor([row.input_ids])).logits[0]
+    return logits[row.prompt_length - 1 : len(row.input_ids) - 1]
+
+
+def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(tmp_path):
+    tokenizer = tiny_tokenizer()
+    paths = teachers(tmp_path)
+    model = tagi_model()
+    before = copy.deepcopy(model)
+    trainer = TAGITrainer(
+        model,
+        args=tagi_args(tmp_path, teachers=paths, kl_weight=1.0, matching_weight=1.0, learning_rate=1e-3),
+        train_dataset=rows(),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+
+    data = rows()
+    student_logits, teacher_logits, predictions = [], [], []
+    plain = {name: PeftModel.from_pretrained(tiny_llama(), path).eval() for name, path in paths.items()}
+    before.eval()
+    with torch.no_grad():
+        for row in data:
+            embedding = torch.tensor([row["instruction_embedding"]])
+            with generate_for(before, embedding):
+                student = answer_logits(before, row["prompt"], row["completion"], tokenizer)
+            prompt = teacher_prompt(row["prompt"], row["instruction"])
+            teacher = answer_logits(plain[row["teacher"]], prompt, row["completion"], tokenizer)
+            student_logits.append(student)
+            teacher_logits.append(teacher)
+            target = tokenize_row(tokenizer, row["prompt"], row["completion"])
+            predictions.append(
+                F.cross_entropy(student, torch.tensor(target.input_ids[target.prompt_length :]), reduction="sum")
+            )
+    student, teacher = torch.cat(student_logits), torch.cat(teacher_logits)
+    kl = F.kl_div(F.log_softmax(student, -1), F.log_softmax(teacher, -1), log_target=True, reduction="none").sum(-1)
+    assert logged(trainer, "loss_kl") == pytest.approx([kl.mean().item()], rel=1e-4)
+    assert logged(trainer, "loss_pred") == pytest.approx([(sum(predictions) / len(student)).item()], rel=1e-4)
+
+    embeddings = torch.tensor([data[0]["instruction_embedding"], data[1]["instruction_embedding"]])
+    generated = generate_lora(before, embeddings)
+    distance = torch.zeros(())
+    for task, name in enumerate(["a", "b"]):
+        weights = load_file(f"{paths[name]}/adapter_model.safetensors")
+        scaling = {"a": 8 / 4, "b": 4 / 4}[name]
+        for module, (lora_a, lora_b) in generated.items():
+            key = f"base_model.model.{module}"
+            update = 2.0 * lora_b[task] @ lora_a[task]  # lora_alpha 8 / r 4
+            target = scaling * weights[f"{key}.lora_B.weight"] @ weights[f"{key}.lora_A.weight"]
+            distance = distance + ((update - target) ** 2).sum()
+    assert logged(trainer, "loss_match") == pytest.approx([distance.item() / 2], rel=1e-4)
+    assert logged(trainer, "match_gate") == pytest.approx([torch.sigmoid(distance / 2).item()], rel=1e-4)
+
+    after = dict(trainer.model.named_parameters())
+    changed = {name for name, p in before.named_parameters() if not torch.equal(p, after[name])}
+    assert changed and all("tagi_hypernet" in name for name in changed)
+
+
+def test_without_teachers_the_loss_is_the_students_prediction_loss(tmp_path):
+    tokenizer = tiny_tokenizer()
+    model = tagi_model()
+    before = copy.deepcopy(model).eval()
+    trainer = TAGITrainer(
+        model,
+        args=tagi_args(tmp_path, kl_weight=0, matching_weight=0, activation_checkpointing=True),
+        train_dataset=rows().remove_columns("teacher"),
+        processing_class=tokenizer,
+    )
+    trainer.train()
+    total, tokens = torch.zeros(()), 0
+    with torch.no_grad():
+        for row in rows():
+            with generate_for(before, torch.tensor([row["instruction_embedding"]])):
+                logits = answer_logits(before, row["prompt"], row["completion"], tokenizer)
+            target = tokenize_row(tokenizer, row["prompt"], row["completion"])
+            total += F.cross_entropy(logits, torch.tensor(target.input_ids[target.prompt_length :]), reduction="sum")
+            tokens += len(logits)
+    assert logged(trainer, "loss") == pytest.approx([(total / tokens).item()], rel=1e-4)
+    assert not logged(trainer, "loss_kl") and not logged(trainer, "loss_match")
+
+
+def test_instructions_are_encoded_when_the_rows_lack_embeddings_and_the_card_names_the_teachers(tmp_path):
+    from tki_trainer.tagi import sni_instruction_rows  # noqa: F401  (public face exists)
+
+    encoder_dim = 384
+    model = get_peft_model(
+        tiny_llama(), InstructionLoraConfig(r=4, target_modules=["q_proj", "v_proj"], key_dim=encoder_dim)
+    )
+    trainer = TAGITrainer(
+        model,
+        args=tagi_args(tmp_path, kl_weight=0, matching_weight=0),
+        train_dataset=rows().remove_columns(["instruction_embedding", "teacher"]),
+        processing_class=tiny_tokenizer(),
+    )
+    assert len(trainer.train_dataset[0]["instruction_embedding"]) == encoder_dim
+    trainer.train()
+    trainer.save_model()
+    trainer.create_model_card()
+    card = (tmp_path / "tagi" / "README.md").read_text()
+    assert "Adapters generated from instructions (TAGI)" in card and "instructions of 2 tasks" in card
+
+
+def test_teacher_rows_put_the_instruction_in_the_prompt():
+    data = teacher_rows(rows())
+    assert data[0]["prompt"] == f"{INSTRUCTIONS['a']}\n\n{ROWS[0][0]}"
+    turns = teacher_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "x"}], "Do it.")
+    assert turns[1]["content"] == "Do it.\n\nx" and turns[0]["content"] == "s"
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (
+            dict(config=LoraConfig(r=4, target_modules=["q_proj"])),
+            "peft_config=tki_trainer.tagi.InstructionLoraConfig",
+        ),
+        (dict(drop="instruction"), "lack ['instruction']"),
+        (dict(drop="teacher"), "lack ['teacher']"),
+        (dict(teachers={"a": "A"}), "teachers does not hold"),
+        (dict(modules=["q_proj"]), "adapt other modules than the instruction-LoRA adapter"),
+        (dict(args=dict(teachers=None)), "teachers is None"),
+        (dict(args=dict(padding_free=True)), "padding_free"),
+        (dict(args=dict(matching_gate="exp")), "matching_gate"),
+        (dict(dora=True), "plain LoRA"),
+    ],
+)
+def test_bad_input_is_refused_before_training_with_the_fix(tmp_path, change, message, monkeypatch):
+    paths = teachers(tmp_path)
+    if "teachers" in change:
+        paths = {"a": paths["a"]}
+    if "modules" in change:
+        paths = {name: save_teacher(tmp_path / f"q-{name}", 3, target_modules=change["modules"]) for name in paths}
+    if change.get("dora"):
+        paths["a"] = save_teacher(tmp_path / "dora", 5, use_dora=True)
+    data = rows()
+    if "drop" in change:
+        data = data.remove_columns(
+            [change["drop"], "instruction_embedding"] if change["drop"] == "instruction" else change["drop"]
+        )
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TAGITrainer(
+            tiny_llama(),
+            args=tagi_args(tmp_path, **{"teachers": paths, **change.get("args", {})}),
+            train_dataset=data,
+            processing_class=tiny_tokenizer(),
+            peft_config=change.get(
+                "config", InstructionLoraConfig(r=4, target_modules=["q_proj", "v_proj"], key_dim=KEY_DIM)
+            ),
+        )

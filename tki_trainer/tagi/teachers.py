@@ -1,0 +1,104 @@
+"""TAGI's teachers: one plain PEFT LoRA per task category, trained with the instruction in the prompt, stacked per
+module so that a batch mixing categories reads each row's teacher in one forward (`apply_lora`)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+
+import torch
+from peft import LoraConfig, PeftConfig
+from peft.utils import load_peft_weights
+
+from .losses import Factors
+
+
+class TeacherLoras:
+    """The factors of every teacher, per module: ``A`` [teachers, r, in] and ``B`` [teachers, out, r] with each
+    teacher's ``lora_alpha / r`` folded into ``B`` (so teachers trained with different alphas compare as the
+    updates they apply).
+
+    Loaded with PEFT's own readers from the directories (or Hub ids) `SFTTrainer` saved, so a teacher is any LoRA
+    adapter on the base model: plain LoRA on linear layers, one rank for all.
+    """
+
+    def __init__(self, names: Sequence[str], factors: dict[str, Factors]) -> None:
+        self.names = list(names)
+        self.factors = factors
+        """``{module name: (A, B)}``, names relative to the base model as `generate_lora` gives them."""
+
+    @classmethod
+    def load(cls, paths: Mapping[str, str | os.PathLike]) -> TeacherLoras:
+        """Read ``{teacher name: adapter directory or Hub id}``; refuse, naming the fix, what cannot be stacked."""
+        if not paths:
+            raise ValueError("teachers is empty: map each teacher name (a task category) to its LoRA adapter.")
+        per_teacher = {name: _read(name, str(path)) for name, path in paths.items()}
+        ranks = {name: next(iter(factors.values()))[0].shape[0] for name, factors in per_teacher.items()}
+        modules = {name: frozenset(factors) for name, factors in per_teacher.items()}
+        first = next(iter(paths))
+        if len(set(ranks.values())) > 1:
+            raise ValueError(f"The teachers have different ranks {ranks}: train every teacher with the same r.")
+        odd = [name for name, names in modules.items() if names != modules[first]]
+        if odd:
+            raise ValueError(
+                f"Teachers {odd[:3]} adapt other modules than teacher {first!r}: train every teacher with the same "
+                "target_modules (those of the InstructionLoraConfig)."
+            )
+        factors = {
+            module: (
+                torch.stack([per_teacher[name][module][0] for name in paths]),
+                torch.stack([per_teacher[name][module][1] for name in paths]),
+            )
+            for module in sorted(modules[first])
+        }
+        return cls(list(paths), factors)
+
+    def index(self, names: Sequence[str]) -> list[int]:
+        """The position of each named teacher; an unknown name is refused with the known ones."""
+        position = {name: i for i, name in enumerate(self.names)}
+        unknown = sorted({name for name in names if name not in position})
+        if unknown:
+            raise ValueError(
+                f"Rows name teachers {unknown[:5]} that teachers does not hold (it holds {self.names[:5]}"
+                f"{'...' if len(self.names) > 5 else ''}): add their LoRA adapters to teachers, or drop those rows."
+            )
+        return [position[name] for name in names]
+
+    def gather(self, teachers: torch.Tensor) -> dict[str, Factors]:
+        """The factors of the given teachers ([tasks] indexes), per module."""
+        return {name: (a[teachers.to(a.device)], b[teachers.to(b.device)]) for name, (a, b) in self.factors.items()}
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TeacherLoras:
+        self.factors = {name: (a.to(device, dtype), b.to(device, dtype)) for name, (a, b) in self.factors.items()}
+        return self
+
+
+def _read(name: str, path: str) -> dict[str, Factors]:
+    config = PeftConfig.from_pretrained(path)
+    if not isinstance(config, LoraConfig):
+        raise ValueError(f"Teacher {name!r} at {path} is a {config.peft_type} adapter: a teacher is a PEFT LoRA.")
+    unsupported = {
+        "use_dora": config.use_dora,
+        "rank_pattern": config.rank_pattern,
+        "alpha_pattern": config.alpha_pattern,
+        "bias": config.bias != "none",
+        "modules_to_save": config.modules_to_save,
+    }
+    used = [key for key, value in unsupported.items() if value]
+    if used:
+        raise ValueError(
+            f"Teacher {name!r} at {path} uses {used}: a teacher is a plain LoRA (one rank and alpha, no DoRA, bias "
+            "or modules_to_save), the update the hypernetwork learns to generate. Retrain it without them."
+        )
+    scaling = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
+    weights = load_peft_weights(path, device="cpu")
+    factors = {}
+    for key, lora_a in weights.items():
+        if not key.endswith(".lora_A.weight"):
+            continue
+        module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+        lora_b = weights[key.replace(".lora_A.", ".lora_B.")]
+        factors[module] = (lora_a.float(), lora_b.float() * scaling)
+    if not factors:
+        raise ValueError(f"Teacher {name!r} at {path} holds no LoRA weights (no '*.lora_A.weight' tensors).")
+    return factors
