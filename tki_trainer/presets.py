@@ -83,6 +83,62 @@ PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
     },
 }
 
+TAGI_PRESETS: dict[str, dict[str, tuple[Any, str]]] = {
+    "paper": {
+        "model_name_or_path": ("meta-llama/Llama-3.1-8B-Instruct", OURS),  # TAGI's paper uses T5-LM and T0
+        "instruction_encoder": ("sentence-transformers/all-mpnet-base-v2", OURS),
+        "max_instances_per_task": (100, PAPER),
+        "num_validation_tasks": (0, OURS),
+        "demonstrations": (0, PAPER),  # the paper's two settings: definition only, and + 2 demonstrations
+        "r": (8, OURS),
+        "lora_alpha": (16, OURS),
+        "lora_target": ("q_proj,v_proj", OURS),
+        "teacher_epochs": (2, OURS),
+        "teacher_learning_rate": (1e-4, OURS),
+        "kl_weight": (5.0, PAPER),
+        "kl_temperature": (1.0, OURS),
+        "matching_weight": (1.0, OURS),
+        "matching_gate": ("sigmoid", PAPER),  # the authors' code: sigmoid(d) * d
+        "per_device_train_batch_size": (4, OURS),
+        "gradient_accumulation_steps": (4, OURS),
+        "learning_rate": (1e-4, OURS),
+        "num_train_epochs": (2, OURS),
+        "max_length": (1024, OURS),
+        "bf16": (True, OURS),
+    },
+    "embedded": {
+        "model_name_or_path": ("embedded", OURS),
+        "instruction_encoder": ("embedded", OURS),
+        "train_data": (str(RECIPE_DATA / "sni_slice"), OURS),
+        "num_train_rows": (256, OURS),
+        "num_eval_prompts": (96, OURS),
+        "max_instances_per_task": (100, OURS),
+        "num_validation_tasks": (0, OURS),
+        "demonstrations": (0, PAPER),
+        "r": (8, OURS),
+        "lora_alpha": (16, OURS),
+        "lora_target": ("q_proj,v_proj", OURS),
+        "teacher_epochs": (2, OURS),
+        "teacher_learning_rate": (3e-4, OURS),
+        "kl_weight": (5.0, PAPER),
+        "kl_temperature": (1.0, OURS),
+        "matching_weight": (1.0, OURS),
+        "matching_gate": ("sigmoid", PAPER),
+        "per_device_train_batch_size": (4, OURS),
+        "gradient_accumulation_steps": (1, OURS),
+        "learning_rate": (1e-3, OURS),
+        "num_train_epochs": (2, OURS),
+        "max_length": (384, OURS),
+        "use_cpu": (True, OURS),
+        "bf16": (False, OURS),
+        "activation_checkpointing": (False, OURS),
+        "save_steps": (20, OURS),
+        "save_total_limit": (1, OURS),
+    },
+}
+"""The TAGI recipe's presets (``recipes/sni_tagi.py``), with the same origins: ``paper`` where TAGI's paper or its
+code states the value."""
+
 
 def _modules(value: str) -> str | list[str]:
     return value if value == "all-linear" else value.split(",")

@@ -1,4 +1,5 @@
-"""Batched greedy generation with each example routed into the latent bank by its own query."""
+"""Batched greedy generation with each example's own adapter: routed into the latent bank by its query (TKI), or
+the LoRA generated from its instruction (TAGI)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
 from ..modes import evaluation_mode
+from ..tagi.tuner import InstructionLoraModel, generate_for
 from ..tuner.model import TKIModel, route
 
 
@@ -43,18 +45,23 @@ def generate_answers(
     max_new_tokens: int | dict[str, int] = 64,
     group_column: str | None = None,
     query_column: str = "query_embedding",
+    instruction_column: str = "instruction_embedding",
     batch_size: int = 8,
 ) -> list[str]:
     """Greedy answers for the ``prompt`` column, in dataset order, stopping at end-of-sequence.
 
     Rows are batched within their group, by length (left padding); a model holding the TKI tuner is routed with each row's
-    ``query_column`` and no group ids, so unseen inputs retrieve per ``inference_retrieval``. ``max_new_tokens``
-    is a number or a budget per value of ``group_column`` (see `answer_budgets`).
+    ``query_column`` and no group ids, so unseen inputs retrieve per ``inference_retrieval``; a model holding an
+    instruction-generated LoRA gets each row's LoRA from its ``instruction_column`` (generated once per distinct
+    instruction of a batch). ``max_new_tokens`` is a number or a budget per value of ``group_column`` (see
+    `answer_budgets`).
     """
-    routed = any(isinstance(module, TKIModel) for module in model.modules())
-    if routed and query_column not in dataset.column_names:
+    column = _adapter_column(model, query_column, instruction_column)
+    if column is not None and column not in dataset.column_names:
         raise ValueError(
-            f"The model routes by query but the dataset has no '{query_column}' column: add_query_embeddings first."
+            f"The model's adapter is chosen per row but the dataset has no '{column}' column: add it with "
+            "add_query_embeddings (TKI: the prompt's embedding; TAGI: the instruction's, text_of=lambda row: "
+            "row['instruction'])."
         )
     texts = [_prompt_text(tokenizer, prompt) for prompt in dataset["prompt"]]
     groups = dataset[group_column] if group_column else [""] * len(texts)
@@ -76,8 +83,7 @@ def generate_answers(
                 inputs = tokenizer(
                     [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
-                queries = torch.tensor([dataset[i][query_column] for i in batch]) if routed else None
-                with route(model, queries) if routed else contextlib.nullcontext():
+                with _per_row_adapter(model, column, [dataset[i][column] for i in batch] if column else None):
                     output = model.generate(
                         **inputs,
                         max_new_tokens=budget[groups[batch[0]]],
@@ -92,3 +98,24 @@ def generate_answers(
         if pad_token is None:
             tokenizer.pad_token = None
     return answers
+
+
+def _adapter_column(model: torch.nn.Module, query_column: str, instruction_column: str) -> str | None:
+    """The column a per-row adapter is chosen by, or None for a model without one."""
+    for module in model.modules():
+        if isinstance(module, TKIModel):
+            return query_column
+        if isinstance(module, InstructionLoraModel):
+            return instruction_column
+    return None
+
+
+def _per_row_adapter(
+    model: torch.nn.Module, column: str | None, values: list[Any] | None
+) -> contextlib.AbstractContextManager:
+    if column is None:
+        return contextlib.nullcontext()
+    embeddings = torch.tensor(values)
+    if any(isinstance(module, TKIModel) for module in model.modules()):
+        return route(model, embeddings)
+    return generate_for(model, embeddings)

@@ -8,7 +8,6 @@ from typing import Any
 
 from datasets import Dataset
 
-from ..data.sni import sni_prompt
 
 
 def teacher_prompt(prompt: Any, instruction: str, separator: str = "\n\n") -> Any:
@@ -36,17 +35,26 @@ def teacher_rows(dataset: Dataset, instruction_column: str = "instruction", sepa
     )
 
 
-def sni_instruction_rows(dataset: Dataset, demonstrations: int = 0) -> Dataset:
-    """`load_sni` rows split as TAGI reads them: ``instruction`` = the definition and the first ``demonstrations``
-    positive examples, ``prompt`` = the instance alone; ``teacher`` = the top of the task's category path
-    (``"Question Answering -> Extractive"`` -> ``"Question Answering"``)."""
+SNI_INSTANCE = "Now complete the following example -"
+"""Where `sni_prompt`'s instance part starts: the definition and demonstrations before it are the instruction."""
+
+
+def sni_instruction_rows(dataset: Dataset, separator: str = "\n\n") -> Dataset:
+    """SNI rows (`load_sni`, after any `fitted_subset`) split as TAGI reads them: ``instruction`` = the prompt's
+    definition and positive examples (as many as the rows were loaded with), ``prompt`` = the instance part alone,
+    string or one user turn as the rows were; ``teacher`` = the top of the task's category path (``"Question
+    Answering -> Extractive"`` -> ``"Question Answering"``). `teacher_prompt` puts the two back together."""
 
     def split(row: dict[str, Any]) -> dict[str, Any]:
-        examples = row["positive_examples"][:demonstrations]
-        instruction = sni_prompt(row["definition"], "", examples).rsplit("\n\nNow complete", 1)[0]
+        conversational = not isinstance(row["prompt"], str)
+        text = row["prompt"][-1]["content"] if conversational else row["prompt"]
+        instruction, marker, instance = text.partition(separator + SNI_INSTANCE)
+        if not marker:
+            raise ValueError(f"Row {row['id']}: its prompt has no {SNI_INSTANCE!r} part; load the rows with load_sni.")
+        student = SNI_INSTANCE + instance
         return {
             "instruction": instruction,
-            "prompt": f"Now complete the following example -\nInput: {row['instance_input'].strip()}\nOutput: ",
+            "prompt": [{"role": "user", "content": student}] if conversational else student,
             "teacher": row["category"].split(" -> ")[0],
         }
 
