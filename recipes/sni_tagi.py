@@ -98,7 +98,9 @@ def load_rows(recipe: RecipeArguments, config: TAGIConfig, tokenizer) -> tuple[D
     for split, total in (("train", recipe.num_train_rows), ("test", recipe.num_eval_prompts)):
         loaded = load_sni(source, splits[split], max_instances=recipe.max_instances_per_task,
                           num_positive=recipe.demonstrations, seed=config.seed)  # fmt: skip
-        fitted, report = fitted_subset(loaded, tokenizer, config.max_length, column="task", total=total, seed=config.seed)
+        fitted, report = fitted_subset(
+            loaded, tokenizer, config.max_length, column="task", total=total, seed=config.seed
+        )
         print(f"{split}: {report}; {len(fitted)} of them used")
         rows.append(sni_instruction_rows(fitted, config.teacher_separator))
     return rows[0], rows[1]
@@ -113,7 +115,9 @@ def train_teachers(recipe: RecipeArguments, config: TAGIConfig, train: Dataset, 
         paths[name] = str(path)
         if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
             continue
-        rows = teacher_rows(train.filter(lambda row: row["teacher"] == name), separator=config.teacher_separator)
+        rows = teacher_rows(
+            train.filter(lambda row, name=name: row["teacher"] == name), separator=config.teacher_separator
+        )
         model, _ = load_model(recipe.model_name_or_path, torch.bfloat16 if config.bf16 else torch.float32)
         with staged_directory(path) as staging:
             teacher = SFTTrainer(
@@ -216,8 +220,15 @@ def main(argv: list[str] | None = None) -> dict:
     }  # fmt: skip
     rouge = side_by_side(results, metric="rougeL", group="category")
     (output_dir / "metrics.json").write_text(
-        json.dumps({"metrics": results, "prompt_tokens": prompt_tokens, "preset": recipe.preset,
-                    "seconds": time.time() - start}, indent=2)  # fmt: skip
+        json.dumps(
+            {
+                "metrics": results,
+                "prompt_tokens": prompt_tokens,
+                "preset": recipe.preset,
+                "seconds": time.time() - start,
+            },
+            indent=2,
+        )  # fmt: skip
     )
     trainer.create_model_card(dataset_name=recipe.train_data)
     print(f"\nadapter, teachers, predictions and metrics: {output_dir}")

@@ -9,7 +9,6 @@ from typing import Any
 from datasets import Dataset
 
 
-
 def teacher_prompt(prompt: Any, instruction: str, separator: str = "\n\n") -> Any:
     """The prompt a teacher reads: the instruction, ``separator``, then the student's prompt (a string), or the
     same text leading the first user turn (a conversational prompt), so both render the input the same way."""
