@@ -2,7 +2,11 @@
 read as plain PEFT LoRAs, parameter matching), what trains, the card, and bad input refused before any work."""
 
 import copy
+import importlib.util
+import json
 import re
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +19,7 @@ from conftest import KEY_DIM, tiny_llama, tiny_tokenizer
 from test_tagi import tagi_model
 from test_trainer import ROWS, common
 from tki_trainer.data.tokenization import tokenize_row
+from tki_trainer.evaluation import generate_answers
 from tki_trainer.tagi import (
     InstructionLoraConfig,
     TAGIConfig,
@@ -226,3 +231,33 @@ def test_bad_input_is_refused_before_training_with_the_fix(tmp_path, change, mes
                 "config", InstructionLoraConfig(r=4, target_modules=["q_proj", "v_proj"], key_dim=KEY_DIM)
             ),
         )
+
+
+def test_generated_answers_of_a_mixed_batch_equal_each_rows_own_generation():
+    tokenizer, model = tiny_tokenizer(), tagi_model()
+    data = rows().select(range(4))
+    together = generate_answers(model, tokenizer, data, max_new_tokens=4, batch_size=4)
+    alone = [generate_answers(model, tokenizer, data.select([i]), max_new_tokens=4)[0] for i in range(len(data))]
+    assert together == alone
+    with pytest.raises(ValueError, match="no 'instruction_embedding' column"):
+        generate_answers(model, tokenizer, data.remove_columns("instruction_embedding"))
+
+
+@pytest.mark.slow
+def test_the_tagi_recipe_trains_teachers_and_the_hypernetwork_and_resumes(tmp_path):
+    path = Path(__file__).parents[1] / "recipes" / "sni_tagi.py"
+    spec = importlib.util.spec_from_file_location("sni_tagi", path)
+    recipe = importlib.util.module_from_spec(spec)
+    sys.modules["sni_tagi"] = recipe
+    spec.loader.exec_module(recipe)
+    argv = ["--num_train_rows", "24", "--num_eval_prompts", "8", "--teacher_epochs", "1", "--num_train_epochs",
+            "1", "--output_dir", str(tmp_path / "out")]  # fmt: skip
+    results = recipe.main(argv)
+    assert set(results) == {"tagi", "base, instruction in prompt"}
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["prompt_tokens"]["input alone"] < metrics["prompt_tokens"]["instruction + input"]
+    teachers = sorted(p.name for p in (tmp_path / "out" / "teachers").iterdir())
+    assert len(teachers) > 1 and all(
+        (tmp_path / "out" / "teachers" / t / "adapter_model.safetensors").is_file() for t in teachers
+    )
+    assert recipe.main(argv)["tagi"] == results["tagi"]  # every stage resumed from what the first run left
