@@ -42,7 +42,14 @@ from tki_trainer.data import (
     sni_splits,
 )
 from tki_trainer.embedded import load_model
-from tki_trainer.evaluation import answer_budgets, generate_answers, score_by, score_heuristics, side_by_side
+from tki_trainer.evaluation import (
+    answer_budgets,
+    generate_answers,
+    saved_answers,
+    score_by,
+    score_heuristics,
+    side_by_side,
+)
 from tki_trainer.hub import public_name
 from tki_trainer.presets import PRESETS, latent_bank, shared_lora_config
 
@@ -200,18 +207,13 @@ def evaluate(trainer: TKITrainer, evaluation: Dataset, group: str, recipe: Recip
     answers = {}
     for name, adapters_off in systems.items():
         path = output_dir / ("predictions.jsonl" if name == "adapter" else f"predictions_{name}.jsonl")
-        if path.is_file():
-            answers[name] = [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
-            continue
-        with model.disable_adapter() if adapters_off else contextlib.nullcontext():
-            answers[name] = generate_answers(model, tokenizer, evaluation, max_new_tokens=budgets, group_column=group,
-                                             batch_size=recipe.eval_batch_size)  # fmt: skip
-        lines = [
-            json.dumps({"id": row["id"], group: row[group], "prediction": answer, "references": row["references"]})
-            for row, answer in zip(evaluation, answers[name])
-        ]
-        with staged_file(path) as staging:
-            staging.write_text("".join(line + "\n" for line in lines))
+
+        def answer(adapters_off: bool = adapters_off) -> list[str]:
+            with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+                return generate_answers(model, tokenizer, evaluation, max_new_tokens=budgets, group_column=group,
+                                        batch_size=recipe.eval_batch_size)  # fmt: skip
+
+        answers[name] = saved_answers(path, evaluation, group, answer)
     return answers
 
 

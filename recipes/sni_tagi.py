@@ -16,6 +16,7 @@ field is a flag; ``resolved_config.json`` records each value and its origin (TAG
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import sys
@@ -35,7 +36,7 @@ from trl import SFTConfig, SFTTrainer, TrlParser
 from tki_trainer._io import staged_directory, staged_file
 from tki_trainer.data import add_query_embeddings, fitted_subset, load_sni, sni_splits
 from tki_trainer.embedded import load_model
-from tki_trainer.evaluation import answer_budgets, generate_answers, score_by, side_by_side
+from tki_trainer.evaluation import answer_budgets, generate_answers, saved_answers, score_by, side_by_side
 from tki_trainer.hub import public_name
 from tki_trainer.preparation import query_encoder
 from tki_trainer.presets import TAGI_PRESETS
@@ -159,21 +160,13 @@ def evaluate(trainer: TAGITrainer, test: Dataset, recipe: RecipeArguments, outpu
     answers = {}
     for name, rows, adapters_off in (("tagi", test, False), ("base, instruction in prompt", with_instruction, True)):
         path = output_dir / f"predictions_{re.sub(r'[^a-z]+', '_', name).strip('_')}.jsonl"
-        if path.is_file():
-            answers[name] = [json.loads(line)["prediction"] for line in path.read_text().splitlines()]
-            continue
-        if adapters_off:
-            with model.disable_adapter():
-                answers[name] = generate_answers(model, tokenizer, rows,
-                                                 max_new_tokens=budgets, group_column="category",
-                                                 batch_size=recipe.eval_batch_size)  # fmt: skip
-        else:
-            answers[name] = generate_answers(model, tokenizer, rows, max_new_tokens=budgets, group_column="category",
-                                             batch_size=recipe.eval_batch_size)  # fmt: skip
-        lines = [json.dumps({"id": row["id"], "category": row["category"], "prediction": answer,
-                             "references": row["references"]}) for row, answer in zip(test, answers[name])]  # fmt: skip
-        with staged_file(path) as staging:
-            staging.write_text("".join(line + "\n" for line in lines))
+
+        def answer(rows: Dataset = rows, adapters_off: bool = adapters_off) -> list[str]:
+            with model.disable_adapter() if adapters_off else contextlib.nullcontext():
+                return generate_answers(model, tokenizer, rows, max_new_tokens=budgets, group_column="category",
+                                        batch_size=recipe.eval_batch_size)  # fmt: skip
+
+        answers[name] = saved_answers(path, test, "category", answer)
     return answers
 
 

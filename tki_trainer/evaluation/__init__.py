@@ -4,6 +4,7 @@ from .callback import GenerationEvaluationCallback
 from .generation import answer_budgets, generate_answers
 from .heuristics import HEURISTICS, heuristic_predictions, score_heuristics, side_by_side
 from .likelihood import completion_nll
+from .predictions import saved_answers
 from .scoring import METRIC_NAMES, score, score_by, score_examples
 
 
@@ -15,6 +16,7 @@ __all__ = [
     "completion_nll",
     "generate_answers",
     "heuristic_predictions",
+    "saved_answers",
     "score",
     "score_by",
     "score_examples",
