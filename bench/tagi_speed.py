@@ -14,11 +14,11 @@ from __future__ import annotations
 import argparse
 import statistics
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
+from speed import step
 from trl import SFTConfig, SFTTrainer
 
 from common import write_results
@@ -67,16 +67,6 @@ def build(name: str, work: Path, data, teachers: dict[str, str]):
     trainer.create_optimizer_and_scheduler(num_training_steps=100)
     trainer.model.train()
     return trainer, next(iter(trainer.get_train_dataloader()))
-
-
-def step(trainer, batch) -> float:
-    inputs = dict(batch)
-    num_items = (inputs["labels"][:, 1:] != -100).sum()
-    start = time.perf_counter()
-    trainer.training_step(trainer.model, inputs, num_items)
-    trainer.optimizer.step()
-    trainer.model.zero_grad(set_to_none=True)
-    return time.perf_counter() - start
 
 
 def main() -> None:
