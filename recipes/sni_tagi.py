@@ -146,8 +146,12 @@ def train_teachers(recipe: RecipeArguments, config: TAGIConfig, train: Dataset, 
     return paths
 
 
+def target_modules(recipe: RecipeArguments) -> str | list[str]:
+    return recipe.lora_target if recipe.lora_target == "all-linear" else recipe.lora_target.split(",")
+
+
 def lora_config(recipe: RecipeArguments) -> LoraConfig:
-    return LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_target.split(","),
+    return LoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, target_modules=target_modules(recipe),
                       task_type="CAUSAL_LM")  # fmt: skip
 
 
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     encoder = query_encoder(config.instruction_encoder)
     model, _ = load_model(recipe.model_name_or_path, dtype)
-    adapter = InstructionLoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, target_modules=recipe.lora_target.split(","),
+    adapter = InstructionLoraConfig(r=recipe.r, lora_alpha=recipe.lora_alpha, target_modules=target_modules(recipe),
                                     key_dim=encoder.get_embedding_dimension(), encoder_name=config.instruction_encoder,
                                     encoder_dim=encoder.get_embedding_dimension())  # fmt: skip
     trainer = TAGITrainer(model, args=config, train_dataset=train, processing_class=tokenizer, peft_config=adapter)

@@ -140,6 +140,19 @@ def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(t
     assert changed and all("tagi_hypernet" in name for name in changed)
 
 
+def test_evaluation_with_teachers_scores_the_students_prediction_loss(tmp_path):
+    trainer = TAGITrainer(
+        tagi_model(),
+        args=tagi_args(tmp_path, teachers=teachers(tmp_path), gradient_accumulation_steps=2),
+        train_dataset=rows(),
+        eval_dataset=rows().remove_columns("teacher"),
+        processing_class=tiny_tokenizer(),
+    )
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    assert trainer.evaluate()["eval_loss"] != before and logged(trainer, "loss_kl") and logged(trainer, "loss_match")
+
+
 def test_without_teachers_the_loss_is_the_students_prediction_loss(tmp_path):
     tokenizer = tiny_tokenizer()
     model = tagi_model()
@@ -164,8 +177,6 @@ def test_without_teachers_the_loss_is_the_students_prediction_loss(tmp_path):
 
 
 def test_instructions_are_encoded_when_the_rows_lack_embeddings_and_the_card_names_the_teachers(tmp_path):
-    from tki_trainer.tagi import sni_instruction_rows  # noqa: F401  (public face exists)
-
     encoder_dim = 384
     model = get_peft_model(
         tiny_llama(), InstructionLoraConfig(r=4, target_modules=["q_proj", "v_proj"], key_dim=encoder_dim)
@@ -203,6 +214,7 @@ def test_teacher_rows_put_the_instruction_in_the_prompt():
         (dict(teachers={"a": "A"}), "teachers does not hold"),
         (dict(modules=["q_proj"]), "adapt other modules than the instruction-LoRA adapter"),
         (dict(args=dict(teachers=None)), "teachers is None"),
+        (dict(args=dict(kl_weight=0, matching_weight=0)), "no term would read them"),
         (dict(args=dict(padding_free=True)), "padding_free"),
         (dict(args=dict(matching_gate="exp")), "matching_gate"),
         (dict(dora=True), "plain LoRA"),

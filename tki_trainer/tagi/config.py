@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 from trl import SFTConfig
 
@@ -72,7 +72,7 @@ class TAGIConfig(SFTConfig):
     teacher_column: str = field(
         default="teacher", metadata={"help": "Column naming each training row's teacher, a key of teachers."}
     )
-    teachers: Optional[dict[str, Any]] = field(
+    teachers: Optional[dict[str, str]] = field(
         default=None,
         metadata={
             "help": "Teacher name -> LoRA adapter directory or Hub id, each trained with the instruction in the prompt."
@@ -104,6 +104,16 @@ class TAGIConfig(SFTConfig):
             raise ValueError(f"kl_temperature must be > 0, got {self.kl_temperature}.")
         if self.matching_gate not in MATCHING_GATES:
             raise ValueError(f"matching_gate must be one of {MATCHING_GATES}, got {self.matching_gate!r}.")
+        if self.teachers is not None and not (self.kl_weight or self.matching_weight):
+            raise ValueError(
+                "teachers are given but kl_weight and matching_weight are 0, so no term would read them: drop "
+                "teachers, or give one of the weights a positive value."
+            )
+        if self.teachers is not None and self.completion_only_loss is False:
+            raise ValueError(
+                "completion_only_loss=False trains on the prompt's tokens too, but the teacher reads another prompt: "
+                "leave completion_only_loss at its default with teachers."
+            )
         if self.teachers is None and (self.kl_weight or self.matching_weight):
             raise ValueError(
                 "kl_weight and matching_weight compare with the teachers, but teachers is None: pass teachers "
@@ -113,4 +123,5 @@ class TAGIConfig(SFTConfig):
 
     @property
     def uses_teachers(self) -> bool:
+        """Whether training reads the teachers: given, and at least one term compares with them."""
         return self.teachers is not None and (self.kl_weight > 0 or self.matching_weight > 0)

@@ -11,6 +11,7 @@ from transformers import PreTrainedTokenizerBase
 from ..data import add_query_embeddings
 from ..data.tokenization import template_arguments, tokenize_row, truncate_row
 from ..preparation import query_encoder
+from .collator import DISTILL_COLUMN, TEACHER_COLUMN, TEACHER_IDS_COLUMN, TEACHER_PROMPT_COLUMN
 from .config import TAGIConfig
 from .rows import teacher_prompt
 from .teachers import TeacherLoras
@@ -64,32 +65,34 @@ def prepare_rows(
     if teachers is None:
         return dataset
     _check_one_teacher_per_instruction(dataset, args)
-    index = dict(zip(teachers.names, range(len(teachers.names))))
-    teachers.index(dataset[args.teacher_column])
+    teacher_of_row = teachers.index(dataset[args.teacher_column])
     tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
 
     def teacher_side(row: dict[str, Any], position: int) -> dict[str, Any]:
         template = template_arguments(row)
         prompt = teacher_prompt(row["prompt"], row[args.instruction_column], args.teacher_separator)
         student = truncate_row(tokenize_row(tokenizer, row["prompt"], row["completion"], **template), args.max_length)
-        teacher = truncate_row(tokenize_row(tokenizer, prompt, row["completion"], **template), args.max_length)
-        if student is None or teacher is None:
-            length = 0  # TRL drops a row left without answer tokens; a teacher without them has nothing to show
-        else:
-            length = min(student.completion_length, teacher.completion_length)
-            answer = student.input_ids[student.prompt_length :][:length]
-            if teacher.input_ids[teacher.prompt_length :][:length] != answer:
-                raise ValueError(
-                    f"Row {position} of the training rows: its answer tokenizes differently after the teacher's "
-                    "prompt than after the student's, so the two cannot be compared token by token. End "
-                    "teacher_separator and the prompts where a token ends (e.g. with a space or a newline)."
-                )
+        teacher = tokenize_row(tokenizer, prompt, row["completion"], **template)  # read whole: no gradient flows
+        if student is not None and student.prompt_length == 0:
+            raise ValueError(
+                f"Row {position} of the training rows has an empty prompt: the student must read the task's input "
+                "(the instruction goes in its own column)."
+            )
+        # The answer tokens both sides predict: those TRL keeps for the student (a row it truncates to no answer
+        # token, it drops).
+        length = 0 if student is None else min(student.completion_length, teacher.completion_length)
+        answer = [] if student is None else student.input_ids[student.prompt_length :][:length]
+        if teacher.input_ids[teacher.prompt_length :][:length] != answer:
+            raise ValueError(
+                f"Row {position} of the training rows: its answer tokenizes differently after the teacher's prompt "
+                "than after the student's, so the two cannot be compared token by token. End teacher_separator and "
+                "the prompts where a token ends (e.g. with a space or a newline)."
+            )
         return {
-            "teacher_index": index[row[args.teacher_column]],
-            "teacher_input_ids": teacher.input_ids[: teacher.prompt_length + length] if teacher else [],
-            "teacher_prompt_length": teacher.prompt_length if teacher else 0,
-            "student_prompt_length": student.prompt_length if student else 0,
-            "distill_length": length,
+            TEACHER_COLUMN: teacher_of_row[position],
+            TEACHER_IDS_COLUMN: teacher.input_ids[: teacher.prompt_length + length],
+            TEACHER_PROMPT_COLUMN: teacher.prompt_length,
+            DISTILL_COLUMN: length,
         }
 
     return dataset.map(teacher_side, with_indices=True, desc="Teacher prompts")

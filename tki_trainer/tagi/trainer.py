@@ -18,12 +18,11 @@ from typing import Any
 import torch
 from datasets import Dataset
 from peft import PeftConfig, PeftModel
-from peft.tuners.tuners_utils import check_target_module_exists
 from transformers import PreTrainedModel
 from trl import SFTTrainer
 
 from .. import hub
-from ..gradients import accumulation_steps, loss_factor, micro_batch_weight
+from ..gradients import micro_batch_weight
 from ..modes import evaluation_mode
 from ..preparation import default_processing_class
 from .collator import (
@@ -82,8 +81,6 @@ class TAGITrainer(SFTTrainer):
         evaluation = eval_dataset if isinstance(eval_dataset, dict) else {"eval": eval_dataset}
         for name, rows in evaluation.items():
             check_rows(rows, args, name, False)
-        if teachers is not None and not isinstance(model, str):
-            _check_teacher_modules(teachers, _targeted_modules(model, adapter))
         if processing_class is None:  # loaded here, as SFTTrainer would, to tokenize the teacher's side
             processing_class = default_processing_class(model, args)
         train_dataset = prepare_rows(train_dataset, args, processing_class, adapter.key_dim, teachers)
@@ -101,7 +98,7 @@ class TAGITrainer(SFTTrainer):
         )
         tuner = find_instruction_tuner(self.model)
         if teachers is not None:
-            _check_teacher_modules(teachers, _generated_modules(tuner))
+            _check_teacher_modules(teachers, tuner)
             teachers = teachers.to(self.args.device)
         self.teachers = teachers
         """The teachers' LoRAs, stacked per module (`TeacherLoras`); None without teachers."""
@@ -110,7 +107,6 @@ class TAGITrainer(SFTTrainer):
             base=self.data_collator,
             embedding_column=args.instruction_embedding_column,
             pad_token_id=tokenizer.pad_token_id,
-            teachers=teachers is not None,
         )
 
     def _set_signature_columns_if_needed(self) -> None:
@@ -146,9 +142,9 @@ class TAGITrainer(SFTTrainer):
         with generate_for(model, embeddings), _last_hidden_state(unwrapped, enabled=distilled) as hidden:
             result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         loss = result[0] if return_outputs else result
-        self._record("loss_pred", loss * accumulation_steps(self) * loss_factor(self, num_items_in_batch), mode)
+        weight = micro_batch_weight(self, num_items_in_batch)
+        self._record("loss_pred", loss / weight, mode)
         if teacher and mode == "train":
-            weight = micro_batch_weight(self, num_items_in_batch)
             if distilled:
                 divergence = self._distillation(unwrapped, hidden[0], inputs, teacher)
                 loss = loss + weight * self.args.kl_weight * divergence
@@ -167,14 +163,14 @@ class TAGITrainer(SFTTrainer):
         """KL(teacher || student) over the answer tokens both sides predict: the student's logits from the hidden
         states of the Trainer's forward, the teacher's from one forward without gradients."""
         student_logits = _answer_logits(model, hidden, teacher[STUDENT_DISTILLED])
+        if student_logits.shape[0] == 0:  # no answer token survived truncation in this micro-batch
+            return student_logits.sum()
         with torch.no_grad(), evaluation_mode(model), apply_lora(model, self.teachers.factors, teacher[TEACHER_INDEX]):
             decoder = model.get_base_model().get_decoder()
             teacher_hidden = decoder(
-                input_ids=teacher[TEACHER_INPUT_IDS], attention_mask=teacher[TEACHER_ATTENTION_MASK]
+                input_ids=teacher[TEACHER_INPUT_IDS], attention_mask=teacher[TEACHER_ATTENTION_MASK], use_cache=False
             ).last_hidden_state
             teacher_logits = _answer_logits(model, teacher_hidden, teacher[TEACHER_DISTILLED])
-        if student_logits.shape[0] == 0:
-            return student_logits.sum()
         return distillation(student_logits, teacher_logits, self.args.kl_temperature)
 
     def _matching(self, model: torch.nn.Module, embeddings: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
@@ -194,7 +190,7 @@ class TAGITrainer(SFTTrainer):
     # Sharing -------------------------------------------------------------------------------------------------------
 
     def create_model_card(
-        self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None, **kwargs: Any
+        self, model_name: str | None = None, dataset_name: str | None = None, tags: Any = None
     ) -> None:
         """SFTTrainer's card, with how the hypernetwork was trained and from which instructions."""
         super().create_model_card(model_name=model_name, dataset_name=dataset_name, tags=tags)
@@ -242,22 +238,11 @@ def _adapter_config(model: Any, peft_config: PeftConfig | None) -> InstructionLo
     return peft_config
 
 
-def _targeted_modules(model: Any, config: InstructionLoraConfig) -> set[str]:
-    """The modules the adapter adapts (or will, once PEFT injects it), named relative to the base model."""
-    if isinstance(model, PeftModel):
-        return _generated_modules(find_instruction_tuner(model))
-    return {
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and check_target_module_exists(config, name)
-    }
-
-
-def _generated_modules(tuner: torch.nn.Module) -> set[str]:
-    return set(tuner.tagi_hypernet[tuner.active_adapters[0]].module_names)
-
-
-def _check_teacher_modules(teachers: TeacherLoras, modules: set[str]) -> None:
+def _check_teacher_modules(teachers: TeacherLoras, tuner: torch.nn.Module) -> None:
+    """The teachers must adapt exactly the adapter's modules, at their shapes (a teacher of another model refused
+    here rather than in the first forward)."""
+    hypernet = tuner.tagi_hypernet[tuner.active_adapters[0]]
+    modules = set(hypernet.module_names)
     held = set(teachers.factors)
     if held != modules:
         raise ValueError(
@@ -265,6 +250,14 @@ def _check_teacher_modules(teachers: TeacherLoras, modules: set[str]) -> None:
             f"{sorted(held - modules)[:3]}, only the adapter: {sorted(modules - held)[:3]}): train the teachers with "
             "the InstructionLoraConfig's target_modules."
         )
+    layers = dict(tuner.model.named_modules())
+    for name, (lora_a, lora_b) in teachers.factors.items():
+        layer = layers[name]
+        if (lora_a.shape[-1], lora_b.shape[-2]) != (layer.in_features, layer.out_features):
+            raise ValueError(
+                f"The teachers' LoRA on {name} is {lora_b.shape[-2]} x {lora_a.shape[-1]} but the layer is "
+                f"{layer.out_features} x {layer.in_features}: train the teachers on this base model."
+            )
 
 
 @contextlib.contextmanager
@@ -286,7 +279,8 @@ def _last_hidden_state(model: torch.nn.Module, enabled: bool) -> Iterator[list[t
 def _answer_logits(model: torch.nn.Module, hidden: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """Logits [answer tokens, vocab] of the predictions of the ``answer`` positions (a position predicts the token
     after it), in row-major order."""
+    head = model.get_output_embeddings()
     predicting = answer[:, 1:].to(hidden.device)
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicting])
-    cap = getattr(model.config, "final_logit_softcapping", None)
+    logits = head(hidden[:, :-1][predicting].to(head.weight.device))
+    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     return logits if cap is None else torch.tanh(logits / cap) * cap

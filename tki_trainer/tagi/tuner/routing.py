@@ -142,11 +142,15 @@ class InstructionRouter:
 
     @contextmanager
     def use_given(self, lora: GivenLora) -> Iterator[None]:
+        """Given factors win over a previous call's instructions inside the block (layers reached without the
+        tuner's forward, e.g. the decoder called directly, would otherwise see those)."""
+        call, self._call = self._call, None
         self._context.append(lora)
         try:
             yield
         finally:
             self._context.pop()
+            self._call = call
 
     @property
     def current(self) -> Instructions | GivenLora | None:
