@@ -146,7 +146,7 @@ class TAGITrainer(SFTTrainer):
         self._record("loss_pred", loss / weight, mode)
         if teacher and mode == "train":
             if distilled:
-                divergence = self._distillation(unwrapped, hidden[0], inputs, teacher)
+                divergence = self._distillation(unwrapped, hidden[0], teacher)
                 loss = loss + weight * self.args.kl_weight * divergence
                 self._record("loss_kl", divergence, mode)
             if self.args.matching_weight > 0:
@@ -158,7 +158,7 @@ class TAGITrainer(SFTTrainer):
         return (loss, result[1]) if return_outputs else loss
 
     def _distillation(
-        self, model: torch.nn.Module, hidden: torch.Tensor, inputs: dict[str, Any], teacher: dict[str, torch.Tensor]
+        self, model: torch.nn.Module, hidden: torch.Tensor, teacher: dict[str, torch.Tensor]
     ) -> torch.Tensor:
         """KL(teacher || student) over the answer tokens both sides predict: the student's logits from the hidden
         states of the Trainer's forward, the teacher's from one forward without gradients."""
