@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -56,7 +57,7 @@ def generate_answers(
     instruction of a batch). ``max_new_tokens`` is a number or a budget per value of ``group_column`` (see
     `answer_budgets`).
     """
-    column = _adapter_column(model, query_column, instruction_column)
+    column, per_row = _per_row_adapter(model, query_column, instruction_column)
     if column is not None and column not in dataset.column_names:
         raise ValueError(
             f"The model's adapter is chosen per row but the dataset has no '{column}' column: add it with "
@@ -83,7 +84,11 @@ def generate_answers(
                 inputs = tokenizer(
                     [texts[i] for i in batch], return_tensors="pt", padding=True, add_special_tokens=False
                 ).to(device)
-                with _per_row_adapter(model, column, [dataset[i][column] for i in batch] if column else None):
+                with (
+                    per_row(model, torch.tensor([dataset[i][column] for i in batch]))
+                    if column
+                    else contextlib.nullcontext()
+                ):
                     output = model.generate(
                         **inputs,
                         max_new_tokens=budget[groups[batch[0]]],
@@ -100,22 +105,13 @@ def generate_answers(
     return answers
 
 
-def _adapter_column(model: torch.nn.Module, query_column: str, instruction_column: str) -> str | None:
-    """The column a per-row adapter is chosen by, or None for a model without one."""
+def _per_row_adapter(
+    model: torch.nn.Module, query_column: str, instruction_column: str
+) -> tuple[str | None, Callable[..., contextlib.AbstractContextManager] | None]:
+    """The column a per-row adapter is chosen by and the context that applies it, or None for a model without one."""
     for module in model.modules():
         if isinstance(module, TKIModel):
-            return query_column
+            return query_column, route
         if isinstance(module, InstructionLoraModel):
-            return instruction_column
-    return None
-
-
-def _per_row_adapter(
-    model: torch.nn.Module, column: str | None, values: list[Any] | None
-) -> contextlib.AbstractContextManager:
-    if column is None:
-        return contextlib.nullcontext()
-    embeddings = torch.tensor(values)
-    if any(isinstance(module, TKIModel) for module in model.modules()):
-        return route(model, embeddings)
-    return generate_for(model, embeddings)
+            return instruction_column, generate_for
+    return None, None
