@@ -26,6 +26,7 @@ from tki_trainer.tagi import (
     TAGITrainer,
     generate_for,
     generate_lora,
+    pretraining_rows,
     teacher_prompt,
     teacher_rows,
 )
@@ -193,6 +194,18 @@ def test_instructions_are_encoded_when_the_rows_lack_embeddings_and_the_card_nam
     trainer.create_model_card()
     card = (tmp_path / "tagi" / "README.md").read_text()
     assert "Adapters generated from instructions (TAGI)" in card and "instructions of 2 tasks" in card
+
+
+def test_pretraining_rows_split_each_text_in_three_and_skip_short_ones():
+    text = " ".join(f"w{i}" for i in range(30))
+    data = pretraining_rows([text, "too short"])
+    assert len(data) == 1
+    row = data[0]
+    assert row["instruction"].split() == [f"w{i}" for i in range(10)]
+    assert row["prompt"].split() == [f"w{i}" for i in range(10, 20)]
+    assert row["completion"] == " " + " ".join(f"w{i}" for i in range(20, 30))
+    with pytest.raises(ValueError, match="24 words or more"):
+        pretraining_rows(["too short"])
 
 
 def test_teacher_rows_put_the_instruction_in_the_prompt():

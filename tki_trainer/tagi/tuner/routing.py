@@ -71,11 +71,12 @@ class GivenLora(_PerExample):
 
     def __init__(self, factors: Mapping[str, Factors], task_of_example: torch.Tensor, scaling: float) -> None:
         super().__init__(task_of_example)
-        # PEFT's layout in, the layers' out: A^T [tasks, in, r], B^T [tasks, r, out], divided by the layer's scaling
-        # because the factors come with their own (B times the LoRA's lora_alpha / r).
-        self._factors = {name: (a.transpose(1, 2), b.transpose(1, 2) / scaling) for name, (a, b) in factors.items()}
+        self._factors = factors
+        self._scaling = scaling
 
     def factors(self, module_name: str, rows: int) -> Factors:
+        """The rows' factors in the layers' layout, ``A^T`` [rows, in, r] and ``B^T`` [rows, r, out], ``B`` divided
+        by the layer's scaling because the given factors carry their own (only the gathered rows are touched)."""
         if module_name not in self._factors:
             raise ValueError(
                 f"The given LoRA has no factors for {module_name!r}, which the instruction-LoRA adapter targets: "
@@ -83,7 +84,7 @@ class GivenLora(_PerExample):
             )
         task = self.task_of_row(rows)
         a, b = self._factors[module_name]
-        return a.index_select(0, task), b.index_select(0, task)
+        return a.index_select(0, task).transpose(1, 2), b.index_select(0, task).transpose(1, 2) / self._scaling
 
 
 def check_instruction_embeddings(
