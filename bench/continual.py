@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import re
 import shutil
 import time
@@ -39,6 +40,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import ivg_check
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
@@ -58,10 +60,11 @@ from common import (
     write_results,
 )
 from tki_trainer import TKIConfig, TKITrainer, embedded_lora_config, load_embedded_model
-from tki_trainer._io import staged_directory
+from tki_trainer._io import staged_directory, staged_file
 from tki_trainer.data import add_query_embeddings, balanced_subset, fitted_subset, group_references, load_p3
 from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation.comparison import paired_bootstrap
+from tki_trainer.ivg import answered_correctly
 from tki_trainer.presets import shared_lora_config
 
 
@@ -96,6 +99,8 @@ BATCH = 4
 EPOCHS = 2
 LEARNING_RATE = 3e-4
 SEEDS = (0, 1, 2)
+IN_CONTEXT_ROWS = ("sft", "jfa", "ivg", "ivg_jfa")
+"""The rows scored on in-context ability after the last stage (the guided ones and those they are compared with)."""
 TESTS = (*(f"stage{stage}" for stage in range(1, len(STAGES) + 1)), "unseen")
 SETTINGS = {
     "stages": STAGES,
@@ -125,6 +130,9 @@ class Method:
     trainer: str
     old_rows: str | None = None
     routing: bool = True
+    guided: bool = False
+    """Instruction-vector guidance (IVG): each stage extracts its cluster's vector from the model as that stage
+    starts, on the stage's training rows, and trains with it (`IVG_EXTRACTION`, `IVG_GUIDANCE`)."""
 
 
 METHODS = {
@@ -133,16 +141,45 @@ METHODS = {
     "replay": Method("SFT + replay (old rows with targets)", "sft", "replay"),
     "jfa_no_jtl": Method("JFA without joint latent learning", "tki", "flashbacks", routing=False),
     "lta": Method("sequential LTA (no flashbacks)", "tki"),
+    "ivg": Method("IVG (sequential LoRA + instruction-vector guidance)", "tki", guided=True),
+    "ivg_jfa": Method("IVG + JFA", "tki", "flashbacks", guided=True),
 }
 """In the order they run."""
 
 
+IVG_EXTRACTION = {
+    "shots": 5,
+    "activation_prompts": 32,
+    "effect_prompts": 8,
+    "correct_top_k": 10,
+    "input_column": "input",
+    "output_column": "output",
+}
+"""`IVConfig` of each stage's extraction: the paper's 10 heads and layer |L|/3; 5 shots, 32 activation and 8 effect
+prompts to fit a CPU; a prompt counts as answered when its answer's first token ranks in the top 10 (the authors'
+code), as the first token of a summary is rarely the greedy one."""
+IVG_GUIDANCE = {"ivg_scale_start": 1.0, "ivg_scale_end": 0.0, "ivg_kl_weight": 0.05}
+"""The paper's schedule and KL weight; the KL term's other choices are `TKIConfig`'s defaults (the authors' code)."""
+ICL_QUERIES = 48
+"""In-context ability: queries per held-out task (`ivg_check.TASKS`), each after `ivg_check.IV_CONFIG.shots`
+demonstrations of its task, scored by whether the greedy answer's first token is right; before the first stage and
+after the last."""
+
+
 def trained_as(method: str, stage: int) -> str:
     """The run that holds ``method``'s model after ``stage``: at stage 1 nothing old exists, so every method of the
-    same trainer is one model (SFT's, or LTA's)."""
-    if stage > 1:
+    same trainer is one model (SFT's, or LTA's), except guided ones, which train stage 1 with their own vector."""
+    if stage > 1 or METHODS[method].guided:
         return method
     return {"sft": "sft", "tki": "lta"}[METHODS[method].trainer]
+
+
+def tests_of(run: str, stage: int) -> tuple[str, ...]:
+    """What a piece is scored on: every stage's held-out rows and the unseen ones; in-context ability too before the
+    first stage and after the last, for the rows it is compared on."""
+    if stage == 0 or (stage == len(STAGES) and run in IN_CONTEXT_ROWS):
+        return (*TESTS, "icl")
+    return TESTS
 
 
 def piece_name(run: str, seed: int, stage: int) -> str:
@@ -159,9 +196,13 @@ def piece_config(run: str, seed: int, stage: int, runs: Path) -> dict:
         parent = read_record(runs / f"{piece_name(trained_as(run, stage - 1), seed, stage - 1)}.json")
         parent = parent.get("adapter_sha256")
     method = asdict(METHODS[run]) if stage > 0 else None
+    if method is not None and not method["guided"]:
+        del method["guided"]  # absent when off: pieces saved before guidance existed stay valid
     config = {"run": run, "seed": seed, "stage": stage, "method": method, "settings": SETTINGS, "parent": parent}
     if stage > 1 and METHODS[run].old_rows == "flashbacks":
         config["flashbacks"] = FLASHBACK_OBJECTIVE
+    if stage > 0 and METHODS[run].guided:
+        config["guidance"] = {"extraction": IVG_EXTRACTION, **IVG_GUIDANCE}
     return as_json(config)
 
 
@@ -222,6 +263,25 @@ class Data:
         rest = independent(rows, keys, set(), seed=0)
         self.tests["unseen"] = embedded(balanced_subset(rest, "cluster", EVAL_ROWS, seed=0))
         self.selection["unseen"] = {**fit, "rows": len(rows), "held_out_candidates": len(rest)}
+        self.icl = [
+            (task, prompt)
+            for task, task_rows in ivg_check.task_rows().items()
+            for prompt in ivg_check.evaluation_prompts(tokenizer, task, task_rows, ivg_check.IV_CONFIG.shots)[
+                :ICL_QUERIES
+            ]
+        ]
+        """In-context prompts of P3's held-out tasks (the IV check's queries, none of them an unseen test row's)."""
+
+    def extraction_rows(self, stage: int, path: Path) -> Path:
+        """The stage's training rows as the tasks an instruction vector is extracted from (one task: the cluster)."""
+        rows = self.train[stage]
+        tasks = [
+            {"task": STAGES[stage - 1], "input": prompt[-1]["content"], "output": completion[-1]["content"]}
+            for prompt, completion in zip(rows["prompt"], rows["completion"])
+        ]
+        with staged_file(path) as staging:
+            staging.write_text("".join(json.dumps(task) + "\n" for task in tasks))
+        return path
 
     @staticmethod
     def candidates(file: str, tokenizer, clusters: list[str] | None = None) -> tuple[Dataset, dict, dict]:
@@ -279,22 +339,31 @@ class Bench:
                 peft_config=shared_lora_config("embedded") if stage == 1 else None,
             )
         else:
+            guidance = {}
+            if spec.guided:
+                tasks = self.data.extraction_rows(
+                    stage, self.work_dir / "ivg" / f"{piece_name(run, seed, stage)}.jsonl"
+                )
+                guidance = {"ivg_tasks": str(tasks), "ivg_extraction": json.dumps(IVG_EXTRACTION), **IVG_GUIDANCE}
+            latent = not spec.guided or spec.old_rows == "flashbacks"  # IVG alone guides plain sequential LoRA
             config = TKIConfig(
                 **args,
-                lta=True,
+                lta=latent,
                 kr=False,
-                pcgrad=True,
+                pcgrad=latent,
                 flashbacks_per_step=FLASHBACKS_PER_STEP,
                 flashback_continuation_tokens=FLASHBACK_CONTINUATION,
                 flashback_divergence=FLASHBACK_OBJECTIVE["divergence"],
                 flashback_routing=spec.routing,
+                **guidance,
             )
+            first = embedded_lora_config() if latent else shared_lora_config("embedded")
             trainer = TKITrainer(
                 model,
                 args=config,
                 train_dataset=rows,
                 processing_class=tokenizer,
-                peft_config=embedded_lora_config() if stage == 1 else None,
+                peft_config=first if stage == 1 else None,
                 flashback_dataset=flashbacks,
             )
         started = time.time()
@@ -323,7 +392,8 @@ class Bench:
         if record.get("config") != config:
             record = {"config": config}
         adapter = self.adapter(run, seed, stage)
-        missing = [test for test in TESTS if test not in record.get("eval", {})]
+        tests = tests_of(run, stage)
+        missing = [test for test in tests if test not in record.get("eval", {})]
         if stage > 0 and ("train" not in record or (not adapter.is_dir() and (missing or adapter_needed))):
             if stage > 1:
                 self.ensure(trained_as(run, stage - 1), seed, stage - 1, adapter_needed=True)
@@ -331,9 +401,12 @@ class Bench:
             print(f"== training {name}", flush=True)
             train = self.train(run, seed, stage)
             digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
-            record = {"config": config, "train": train, "adapter_sha256": digest}
+            same = record.get("config") == config and record.get("adapter_sha256") == digest
+            record = {"config": config, "train": train, "adapter_sha256": digest} | (
+                {"eval": record["eval"]} if same and "eval" in record else {}
+            )  # an adapter retrained to the same bytes keeps its evaluations
             write_record(path, record)
-            missing = list(TESTS)
+            missing = [test for test in tests if test not in record.get("eval", {})]
         if not missing:
             return
         model, tokenizer = load_embedded_model()
@@ -343,9 +416,20 @@ class Bench:
         for test in missing:
             print(f"== evaluating {name} on {test}", flush=True)
             started = time.time()
-            result = evaluate(model, tokenizer, self.data.tests[test], "cluster", cap=ANSWER_TOKENS)
+            if test == "icl":
+                result = self.in_context(model, tokenizer)
+            else:
+                result = evaluate(model, tokenizer, self.data.tests[test], "cluster", cap=ANSWER_TOKENS)
             record.setdefault("eval", {})[test] = {**result, "seconds": time.time() - started}
             write_record(path, record)
+
+    def in_context(self, model, tokenizer) -> dict:
+        """Accuracy x100 on the held-out tasks' in-context prompts, overall, per task and per prompt."""
+        tasks, prompts = zip(*self.data.icl)
+        right = answered_correctly(model, list(prompts), pad_token_id=tokenizer.pad_token_id, desc="in-context")
+        per_example = (100 * right.float()).tolist()
+        by_task = {task: float(np.mean([v for t, v in zip(tasks, per_example) if t == task])) for task in set(tasks)}
+        return {"all": float(np.mean(per_example)), "by_group": by_task, "per_example": per_example}
 
     def run(self, methods: list[str], seeds: list[int]) -> None:
         sizes = {
@@ -404,7 +488,16 @@ def measures(rows: list[dict]) -> dict[str, np.ndarray]:
 
 MEASURES = ("bwt", "new", "final", "unseen", "unseen_change")
 COMPARED_MEASURES = ("bwt", "new", "final", "unseen")
-COMPARED = (("jfa", "sft"), ("jfa", "replay"), ("replay", "sft"), ("jfa", "jfa_no_jtl"), ("jfa", "lta"))
+COMPARED = (
+    ("jfa", "sft"),
+    ("jfa", "replay"),
+    ("replay", "sft"),
+    ("jfa", "jfa_no_jtl"),
+    ("jfa", "lta"),
+    ("ivg", "sft"),
+    ("ivg_jfa", "jfa"),
+    ("ivg_jfa", "ivg"),
+)
 """The first pair on ``bwt`` is the benchmark's question; the others are read as secondary (no correction for the
 number of comparisons)."""
 
@@ -423,6 +516,34 @@ def replay_share(sft: np.ndarray, replay: np.ndarray, jfa: np.ndarray, resamples
     low, high = np.quantile(ratios, [0.025, 0.975])
     share = (jfa.mean() - sft.mean()) / (replay.mean() - sft.mean())
     return {"share": float(share), "low": float(low), "high": float(high)}
+
+
+def in_context(found: dict, runs: Path) -> tuple[dict, list]:
+    """In-context accuracy before the first stage and after the last, per row (mean over seeds), and the rows'
+    differences after the last stage, paired by seed and prompt."""
+    base = read_record(runs / f"{piece_name('base', 0, 0)}.json").get("eval", {}).get("icl")
+    after = {}
+    for method in IN_CONTEXT_ROWS:
+        by_seed = {
+            seed: record["eval"]["icl"]["per_example"]
+            for seed in found.get(method, {})
+            if "icl" in (record := read_record(runs / f"{piece_name(method, seed, len(STAGES))}.json")).get("eval", {})
+        }
+        if by_seed:
+            after[method] = by_seed
+    table = {
+        method: {"seeds": sorted(v), "after": [float(np.mean(x)) for x in v.values()]} for method, v in after.items()
+    }
+    if base is not None:
+        table["base"] = {"seeds": [0], "after": [base["all"]]}
+    comparisons = []
+    for a, b in (("ivg", "sft"), ("ivg_jfa", "jfa"), ("jfa", "sft")):
+        common = sorted(set(after.get(a, {})) & set(after.get(b, {})))
+        if common:
+            first, second = (np.array([after[m][s] for s in common]) for m in (a, b))
+            result = paired_bootstrap(first, second, paired_seeds=True).to_dict()
+            comparisons.append({"a": a, "b": b, "measure": "icl", "seeds": common, **result})
+    return table, comparisons
 
 
 def report(runs: Path = RUNS) -> None:
@@ -465,10 +586,12 @@ def report(runs: Path = RUNS) -> None:
         for method, by_seed in found.items()
     }
     data = read_record(runs / "data.json")
-    table = markdown(table_rows, comparisons, share, replay_gain, accuracy, data)
+    icl_table, icl_comparisons = in_context(found, runs)
+    table = markdown(table_rows, comparisons + icl_comparisons, share, replay_gain, accuracy, data, icl_table)
     payload = {
         "rows": table_rows,
-        "comparisons": comparisons,
+        "comparisons": comparisons + icl_comparisons,
+        "in_context": icl_table,
         "replay_share": share,
         "accuracy_matrices": accuracy,
         "data": data,
@@ -499,7 +622,9 @@ def training_summary(found: dict, runs: Path) -> dict:
     return summary
 
 
-def markdown(rows: dict, comparisons: list, share: dict | None, replay_gain: dict | None, accuracy, data) -> str:
+def markdown(
+    rows: dict, comparisons: list, share: dict | None, replay_gain: dict | None, accuracy, data, icl: dict
+) -> str:
     sizes = data.get("sizes", {})
     held = ", ".join(f"{sizes.get(f'stage{s}', EVAL_ROWS)}" for s in range(1, len(STAGES) + 1))
     lines = [
@@ -524,6 +649,20 @@ def markdown(rows: dict, comparisons: list, share: dict | None, replay_gain: dic
     for method, row in rows.items():
         cells = [mean_sd(row[name]) for name in MEASURES]
         lines.append(f"| {METHODS[method].label} | {len(row['seeds'])} | " + " | ".join(cells) + " |")
+    if icl:
+        shots, tasks = ivg_check.IV_CONFIG.shots, len(ivg_check.TASKS)
+        lines += [
+            "",
+            f"In-context ability: {shots}-shot prompts of {tasks} held-out P3 tasks ({ICL_QUERIES} each: "
+            f"{', '.join(ivg_check.task_name(*t) for t in ivg_check.TASKS)}), accuracy x100 of the greedy answer's "
+            "first token, before the first stage (base) and after the last.",
+            "",
+            "| model | seeds | in-context accuracy |",
+            "|---|---|---|",
+        ]
+        for method, row in icl.items():
+            label = "base model" if method == "base" else f"{METHODS[method].label}, after stage {len(STAGES)}"
+            lines.append(f"| {label} | {len(row['seeds'])} | {mean_sd(row['after'])} |")
     if comparisons:
         lines += [
             "",

@@ -14,6 +14,7 @@ from tki_trainer.ivg import (
     EncodedPrompt,
     InstructionVector,
     IVConfig,
+    answered_correctly,
     causal_effects,
     extract_instruction_vector,
     intervene,
@@ -224,6 +225,42 @@ def test_intervention_adds_scale_times_vector_at_the_chosen_layer_and_last_promp
     torch.testing.assert_close(
         removed[1][torch.arange(2), batch["last"]], clean[1][torch.arange(2), batch["last"]] - vector
     )
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("peft", [False, True])
+def test_answered_correctly_equals_each_prompt_run_alone_with_the_vector_added_by_hand(peft):
+    model = lora_model() if peft else tiny_llama()
+    prompts = prompts_of([5, 9, 7, 4, 8], seed=3)
+    vector = 3 * torch.randn(32, generator=torch.Generator().manual_seed(5))
+    for prompt in prompts:  # the answer each prompt should start with: its clean greedy token for some, not others
+        logits = model(input_ids=torch.tensor([prompt.prompt_ids])).logits[0, -1]
+        prompt.answer_ids[0] = int(logits.argmax()) if prompt.query % 2 == 0 else int(logits.argmin())
+    for scale, top_k in ((None, 1), (1.0, 1), (-1.0, 1), (2.0, 50)):
+        expected = []
+        for prompt in prompts:
+            ids = torch.tensor([prompt.prompt_ids])
+            _, clean = layer_outputs(model, input_ids=ids)
+            if scale is None:
+                logits = model(input_ids=ids).logits[0, -1]
+            else:
+                edited = clean[1].clone()  # the last layer: only the final norm and the head follow it
+                edited[0, -1] += scale * vector
+                base = model.get_base_model() if peft else model
+                logits = base.lm_head(base.model.norm(edited))[0, -1]
+            expected.append(int((logits > logits[prompt.answer_ids[0]]).sum()) < top_k)
+        vector_kwargs = {} if scale is None else {"vector": vector, "layer": 1, "scale": scale}
+        right = answered_correctly(model, prompts, pad_token_id=0, top_k=top_k, batch_size=2, **vector_kwargs)
+        assert right.tolist() == expected
+    assert answered_correctly(model, prompts, pad_token_id=0, vector=vector, layer=1, scale=0.0).tolist() == [
+        True,
+        False,
+        True,
+        False,
+        True,
+    ]
+    with pytest.raises(ValueError, match="needs its layer"):
+        answered_correctly(model, prompts, pad_token_id=0, vector=vector)
 
 
 def greedy_by_hand(model, ids, steps, add_at):

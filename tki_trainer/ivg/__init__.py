@@ -3,6 +3,7 @@ in the residual stream, built from the attention heads with the largest causal e
 (Todd et al.'s function vectors), whose addition at one layer's last prompt token brings back what a task's
 in-context prompts make the model do."""
 
+from .accuracy import answered_correctly
 from .config import IVConfig
 from .effects import causal_effects
 from .extraction import extract_instruction_vector
@@ -19,6 +20,7 @@ __all__ = [
     "IVConfig",
     "InstructionVector",
     "PromptFormat",
+    "answered_correctly",
     "causal_effects",
     "extract_instruction_vector",
     "intervene",

@@ -12,6 +12,15 @@ from .heads import AttentionHeads
 from .prompts import EncodedPrompt, padded_batch
 
 
+def first_token_right(logits: torch.Tensor, prompts: list[EncodedPrompt], top_k: int | None) -> torch.Tensor:
+    """Whether each prompt's first answer token ranks among the ``top_k`` most likely next tokens of its row of
+    ``logits`` ([prompts, vocab]; ties count against it); all True when ``top_k`` is None."""
+    targets = torch.tensor([p.answer_ids[0] for p in prompts], device=logits.device)
+    if top_k is None:
+        return torch.ones_like(targets, dtype=torch.bool)
+    return (logits > logits.gather(1, targets[:, None])).sum(1) < top_k
+
+
 @torch.no_grad()
 def task_activations(
     model: nn.Module,
@@ -41,9 +50,7 @@ def task_activations(
         keep[rows, batch["last"]] = True
         with heads.capture(batch["last"]) as capture:
             logits = logits_at(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
-        targets = torch.tensor([p.answer_ids[0] for p in chunk], device=device)
-        rank = (logits > logits.gather(1, targets[:, None])).sum(1)
-        right = rank < correct_top_k if correct_top_k is not None else torch.ones_like(rank, dtype=torch.bool)
+        right = first_token_right(logits, chunk, correct_top_k)
         total += capture.activations[right].float().sum(0).cpu()
         correct.append(right.cpu())
     correct = torch.cat(correct) if correct else torch.zeros(0, dtype=torch.bool)
