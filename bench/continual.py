@@ -1,4 +1,5 @@
-"""Does Joint Flashback Adaptation keep what earlier stages taught while the model learns new tasks?
+"""Do Joint Flashback Adaptation and instruction-vector guidance keep what earlier stages taught while the model
+learns new tasks?
 
 Three stages, each a P3 train cluster (STAGES), learned one after the other by the embedded model: each stage trains
 TRAIN_ROWS rows for EPOCHS epochs starting from the previous stage's adapter. Before the first stage and after each,
@@ -15,11 +16,18 @@ Rows:
 - JFA: LTA plus flashbacks (FLASHBACKS_PER_STAGE prompts of each old stage; the symmetric KL to the model as it was
   before the stage over each prompt and the first FLASHBACK_CONTINUATION tokens of that model's answer; routed
   through the bank with the new rows), PCGrad over SFT and flashbacks;
-- JFA without joint latent learning: the flashbacks bypass the bank.
+- JFA without joint latent learning: the flashbacks bypass the bank;
+- IVG: sequential LoRA trained with instruction-vector guidance (progressive intervention and the IV-based KL term);
+  each stage's vector is extracted from the model as the stage starts, on the stage's own training rows;
+- IVG + JFA: JFA with that guidance as a third objective under PCGrad.
 
-Stage 1 has no old stage, so SFT and replay share one stage-1 run, and LTA and both JFA rows another. Every row runs
-at the same 3 seeds; the report pairs differences by seed and by example (`paired_bootstrap`). The learning rate is
-the one the quality benchmark's search chose for LoRA SFT and for TKI (3e-4).
+Before the first stage and after the last, the rows IVG is compared with are also scored on in-context ability:
+N-shot prompts of held-out P3 tasks (`ivg_check.TASKS`), accuracy of the greedy answer's first token.
+
+Stage 1 has no old stage, so SFT and replay share one stage-1 run, and LTA and both JFA rows another (the guided
+rows train their own). Every row runs at the same 3 seeds; the report pairs differences by seed and by example
+(`paired_bootstrap`). The learning rate is the one the quality benchmark's search chose for LoRA SFT and for TKI
+(3e-4).
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/continual.py [--methods sft jfa ...]
 

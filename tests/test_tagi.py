@@ -39,10 +39,10 @@ def tagi_config(**overrides) -> InstructionLoraConfig:
     return InstructionLoraConfig(**values)
 
 
-def tagi_model(seed=0, **overrides):
+def tagi_model(seed=0, base=tiny_llama, **overrides):
     """A trained-looking model: every hypernetwork weight random (the untrained heads give every task the zero
     update, which would hide mistakes)."""
-    model = get_peft_model(tiny_llama(), tagi_config(**overrides))
+    model = get_peft_model(base(), tagi_config(**overrides))
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for parameter in model.base_model.tagi_hypernet.parameters():

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
+from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
 
 from conftest import KEY_DIM, tiny_llama, tiny_tokenizer
 from test_tagi import tagi_model
@@ -53,10 +54,35 @@ def rows():
     return Dataset.from_list(data)
 
 
-def save_teacher(path, seed, **overrides):
+def tiny_granite():
+    """A tiny Granite: its forward divides the head's logits by ``logits_scaling``."""
+    torch.manual_seed(0)
+    return GraniteForCausalLM(GraniteConfig(**TINY_DECODER, logits_scaling=4.0)).eval()
+
+
+def tiny_cohere():
+    """A tiny Cohere: its forward multiplies the head's logits by ``logit_scale``."""
+    torch.manual_seed(0)
+    return CohereForCausalLM(CohereConfig(**TINY_DECODER, logit_scale=0.5)).eval()
+
+
+TINY_DECODER = dict(
+    vocab_size=300,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+
+
+def save_teacher(path, seed, base=tiny_llama, **overrides):
     """A plain PEFT LoRA on q/v with every weight random, as SFTTrainer would save a trained one."""
     config = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **overrides})
-    model = get_peft_model(tiny_llama(), config)
+    model = get_peft_model(base(), config)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -66,8 +92,11 @@ def save_teacher(path, seed, **overrides):
     return str(path)
 
 
-def teachers(tmp_path):
-    return {"a": save_teacher(tmp_path / "teacher-a", 1), "b": save_teacher(tmp_path / "teacher-b", 2, lora_alpha=4)}
+def teachers(tmp_path, base=tiny_llama):
+    return {
+        "a": save_teacher(tmp_path / "teacher-a", 1, base),
+        "b": save_teacher(tmp_path / "teacher-b", 2, base, lora_alpha=4),
+    }
 
 
 def tagi_args(tmp_path, **overrides):
@@ -87,10 +116,11 @@ def answer_logits(model, prompt, completion, tokenizer):
     return logits[row.prompt_length - 1 : len(row.input_ids) - 1]
 
 
-def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(tmp_path):
+@pytest.mark.parametrize("base", [tiny_llama, tiny_granite, tiny_cohere], ids=["llama", "granite", "cohere"])
+def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(tmp_path, base):
     tokenizer = tiny_tokenizer()
-    paths = teachers(tmp_path)
-    model = tagi_model()
+    paths = teachers(tmp_path, base)
+    model = tagi_model(base=base)
     before = copy.deepcopy(model)
     trainer = TAGITrainer(
         model,
@@ -102,7 +132,7 @@ def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(t
 
     data = rows()
     student_logits, teacher_logits, predictions = [], [], []
-    plain = {name: PeftModel.from_pretrained(tiny_llama(), path).eval() for name, path in paths.items()}
+    plain = {name: PeftModel.from_pretrained(base(), path).eval() for name, path in paths.items()}
     before.eval()
     with torch.no_grad():
         for row in data:
@@ -139,6 +169,34 @@ def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(t
     after = dict(trainer.model.named_parameters())
     changed = {name for name, p in before.named_parameters() if not torch.equal(p, after[name])}
     assert changed and all("tagi_hypernet" in name for name in changed)
+
+
+class ShiftedLlama(LlamaForCausalLM):
+    """A decoder whose forward adds a constant to its head's logits, as no model of transformers does."""
+
+    def forward(self, *args, **kwargs):
+        output = super().forward(*args, **kwargs)
+        output.logits = output.logits + 1.0
+        return output
+
+
+def test_distilling_a_model_whose_logits_are_not_its_heads_is_refused_at_construction(tmp_path):
+    def shifted():
+        return ShiftedLlama(tiny_llama().config).eval()
+
+    with pytest.raises(ValueError, match="ShiftedLlama makes its logits otherwise"):
+        TAGITrainer(
+            tagi_model(base=shifted),
+            args=tagi_args(tmp_path, teachers=teachers(tmp_path, shifted), kl_weight=1.0),
+            train_dataset=rows(),
+            processing_class=tiny_tokenizer(),
+        )
+    TAGITrainer(  # without the KL term no logits are projected
+        tagi_model(base=shifted),
+        args=tagi_args(tmp_path, teachers=teachers(tmp_path, shifted), kl_weight=0.0, matching_weight=1.0),
+        train_dataset=rows(),
+        processing_class=tiny_tokenizer(),
+    )
 
 
 def test_evaluation_with_teachers_scores_the_students_prediction_loss(tmp_path):

@@ -23,6 +23,7 @@ from trl import SFTTrainer
 
 from .. import hub
 from ..gradients import micro_batch_weight
+from ..logits import check_head_logits, head_logits
 from ..modes import evaluation_mode
 from ..preparation import default_processing_class
 from .collator import (
@@ -99,6 +100,10 @@ class TAGITrainer(SFTTrainer):
         tuner = find_instruction_tuner(self.model)
         if teachers is not None:
             _check_teacher_modules(teachers, tuner)
+            if args.kl_weight > 0:
+                unwrapped = self.accelerator.unwrap_model(self.model)
+                with unwrapped.disable_adapter():
+                    check_head_logits(unwrapped, unwrapped.get_base_model().get_decoder(), "The KL term (kl_weight)")
             teachers = teachers.to(self.args.device)
         self.teachers = teachers
         """The teachers' LoRAs, stacked per module (`TeacherLoras`); None without teachers."""
@@ -279,8 +284,5 @@ def _last_hidden_state(model: torch.nn.Module, enabled: bool) -> Iterator[list[t
 def _answer_logits(model: torch.nn.Module, hidden: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
     """Logits [answer tokens, vocab] of the predictions of the ``answer`` positions (a position predicts the token
     after it), in row-major order."""
-    head = model.get_output_embeddings()
     predicting = answer[:, 1:].to(hidden.device)
-    logits = head(hidden[:, :-1][predicting].to(head.weight.device))
-    cap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return logits if cap is None else torch.tanh(logits / cap) * cap
+    return head_logits(model, hidden[:, :-1][predicting])
