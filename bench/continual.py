@@ -48,13 +48,13 @@ from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import ivg_check
 import numpy as np
 import torch
 from datasets import Dataset, concatenate_datasets
 from peft import PeftModel
 from trl import SFTConfig, SFTTrainer
 
+import ivg_check
 from common import (
     P3,
     RESULTS,

@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, get_peft_model
-from speed import step
 from trl import SFTConfig, SFTTrainer
 
 from common import write_results
+from speed import step
 from tki_trainer import load_embedded_model
 from tki_trainer.data import load_sni, sni_splits
 from tki_trainer.presets import RECIPE_DATA

@@ -14,6 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from test_ivg_guidance import saved_vector
+from test_tagi import tagi_model
+from test_tagi_trainer import teachers as teachers_by_name
 from test_trainer import noisy_store
 from tki_trainer.preparation import CACHE_DIR
 
@@ -51,6 +53,36 @@ def test_two_processes_equal_one_with_instruction_vector_guidance(tmp_path, kr, 
     check_two_processes_equal_one(
         tmp_path, kr, pcgrad, accumulation, "no-flashbacks", "easier", [saved_vector(tmp_path)]
     )
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_two_processes_train_the_same_hypernetwork_as_one_with_tagi(tmp_path, accumulation):
+    """TAGITrainer's three terms (the prediction loss over the step's answer tokens; the distillation and the
+    parameter matching, each a mean over rows) split over processes and micro-batches as over one batch, whose
+    rows mix two teachers and answers of different lengths."""
+    teachers = teachers_of(tmp_path)
+    script = str(HERE / "tagi_distributed_run.py")
+    run([sys.executable, script, str(tmp_path / "one"), *teachers, "4", "1"], tmp_path)
+    config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29538",
+         script, str(tmp_path / "two"), *teachers, str(2 // accumulation), str(accumulation)], tmp_path)  # fmt: skip
+    one = load_file(tmp_path / "one" / "adapter" / "adapter_model.safetensors")
+    two = load_file(tmp_path / "two" / "adapter" / "adapter_model.safetensors")
+    tagi_model().save_pretrained(tmp_path / "before")
+    before = load_file(tmp_path / "before" / "adapter_model.safetensors")
+    assert one.keys() == two.keys() == before.keys()
+    assert any(not torch.equal(one[key], before[key]) for key in one), "nothing trained"
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
+    logs = [json.loads((tmp_path / run / "logs.json").read_text()) for run in ("one", "two")]
+    for name in ("loss_pred", "loss_kl", "loss_match"):
+        first, second = ([entry[name] for entry in log if name in entry] for log in logs)
+        assert second == pytest.approx(first, rel=1e-4), name
+
+
+def teachers_of(tmp_path):
+    paths = teachers_by_name(tmp_path)
+    return [paths["a"], paths["b"]]
 
 
 def check_two_processes_equal_one(tmp_path, kr, pcgrad, accumulation, flashbacks, target, extra=()):

@@ -2,6 +2,7 @@
 (TKI without PCGrad when PCGrad never projected) must not be paired with the model it is."""
 
 import pytest
+
 import quality
 
 

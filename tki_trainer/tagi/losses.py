@@ -15,14 +15,20 @@ Factors = tuple[torch.Tensor, torch.Tensor]
 """A LoRA's factors in PEFT's layout, for a batch of tasks: ``A`` [tasks, r, in], ``B`` [tasks, out, r]."""
 
 
-def distillation(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+def distillation(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, rows: torch.Tensor, temperature: float = 1.0
+) -> torch.Tensor:
     """KL(teacher || student) at ``temperature``, times its square (the gradients then keep their size as the
-    temperature changes, Hinton et al.), averaged over positions. Both [positions, vocab], the same answer tokens
-    in the same order (the teacher's prompt holds the instruction, the student's does not)."""
+    temperature changes, Hinton et al.), averaged over each row's positions, then over rows. Logits are [positions,
+    vocab], the same answer tokens in the same order on both sides (the teacher's prompt holds the instruction, the
+    student's does not); ``rows`` [positions] says whose each position is. Each row counts once, as each task does in
+    parameter matching, so the term splits over micro-batches and processes as one batch does."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_position = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
-    return per_position.mean() * temperature**2
+    _, owner, counts = rows.unique(return_inverse=True, return_counts=True)
+    per_row = per_position.new_zeros(len(counts)).index_add(0, owner, per_position) / counts
+    return per_row.mean() * temperature**2
 
 
 def update_distance(

@@ -176,7 +176,8 @@ class TAGITrainer(SFTTrainer):
                 input_ids=teacher[TEACHER_INPUT_IDS], attention_mask=teacher[TEACHER_ATTENTION_MASK], use_cache=False
             ).last_hidden_state
             teacher_logits = _answer_logits(model, teacher_hidden, teacher[TEACHER_DISTILLED])
-        return distillation(student_logits, teacher_logits, self.args.kl_temperature)
+        rows = teacher[STUDENT_DISTILLED][:, 1:].nonzero()[:, 0]
+        return distillation(student_logits, teacher_logits, rows, self.args.kl_temperature)
 
     def _matching(self, model: torch.nn.Module, embeddings: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         """The squared distance of each task's generated update from its teacher's, averaged over the micro-batch's
