@@ -278,7 +278,7 @@ class Data:
                 :ICL_QUERIES
             ]
         ]
-        """In-context prompts of P3's held-out tasks (the IV check's queries, none of them an unseen test row's)."""
+        """In-context prompts of P3's held-out tasks: the first ICL_QUERIES of each task's queries in the IV check."""
 
     def extraction_rows(self, stage: int, path: Path) -> Path:
         """The stage's training rows as the tasks an instruction vector is extracted from (one task: the cluster)."""
