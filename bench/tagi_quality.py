@@ -284,6 +284,8 @@ def report() -> None:
             seeds = sorted(set(by_seed) & set(other)) if method != "base" else sorted(by_seed)
             if not seeds or not other:
                 continue
+            if any(by_seed[s]["ids"] != other[0 if method == "base" else s]["ids"] for s in seeds):
+                raise ValueError(f"{variant} and {method} were scored on other SNI prompts: rerun with the same data.")
             first = np.array([by_seed[s]["per_example"]["rougeL"] for s in seeds])
             second = np.array(
                 [other[0 if method == "base" else s]["per_example"]["rougeL"] for s in seeds]
