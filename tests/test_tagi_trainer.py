@@ -16,7 +16,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
 
-from conftest import KEY_DIM, tiny_llama, tiny_tokenizer
+from conftest import KEY_DIM, TINY_DECODER, tiny_llama, tiny_tokenizer
 from test_tagi import tagi_model
 from test_trainer import ROWS, common
 from tki_trainer.data.tokenization import tokenize_row
@@ -64,19 +64,6 @@ def tiny_cohere():
     """A tiny Cohere: its forward multiplies the head's logits by ``logit_scale``."""
     torch.manual_seed(0)
     return CohereForCausalLM(CohereConfig(**TINY_DECODER, logit_scale=0.5)).eval()
-
-
-TINY_DECODER = dict(
-    vocab_size=300,
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    pad_token_id=0,
-    bos_token_id=1,
-    eos_token_id=2,
-)
 
 
 def save_teacher(path, seed, base=tiny_llama, **overrides):
