@@ -36,7 +36,7 @@ from tki_trainer import load_embedded_model
 from tki_trainer.data import load_p3
 from tki_trainer.evaluation.comparison import paired_bootstrap
 from tki_trainer.ivg import InstructionVector, IVConfig, answered_correctly, extract_instruction_vector
-from tki_trainer.ivg.prompts import encode_prompt, n_shot_prompts, task_generator
+from tki_trainer.ivg.prompts import encode_prompt, n_shot_prompts, padded_batch, task_generator
 
 
 TASKS = (
@@ -115,6 +115,19 @@ def evaluation_prompts(tokenizer, task: str, rows: Dataset, shots: int) -> list:
     return n_shot_prompts(tokenizer, template, examples, queries, shots, task_generator(IV_CONFIG.seed, task, "eval"))
 
 
+@torch.no_grad()
+def hidden_norm(model, prompts: list, layer: int, pad_token_id: int) -> float:
+    """Mean norm of decoder layer ``layer``'s output at the prompts' last tokens: what the vector is added to."""
+    norms = []
+    for start in range(0, len(prompts), 8):
+        batch = padded_batch(prompts[start : start + 8], pad_token_id, torch.device("cpu"))
+        states = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], output_hidden_states=True
+        ).hidden_states[layer + 1]
+        norms.append(states[torch.arange(len(batch["last"])), batch["last"]].norm(dim=-1))
+    return float(torch.cat(norms).mean())
+
+
 def run(work_dir: Path) -> None:
     model, tokenizer = load_embedded_model()
     model.eval()
@@ -130,6 +143,9 @@ def run(work_dir: Path) -> None:
             write_record(path, {"task": task, "left_out": True})
             continue
         vectors = {"iv": iv.vector(task), "random": random_vector(iv.vector(task), task), "mean": iv.vectors.mean(0)}
+        if "hidden_norm" not in record:
+            record["hidden_norm"] = hidden_norm(model, evaluation_prompts(tokenizer, task, rows, 0), iv.layer, pad)
+            write_record(path, record)
         for condition, (shots, which, scale) in CONDITIONS.items():
             if condition in record.get("correct", {}):
                 continue
@@ -169,6 +185,7 @@ def report(work_dir: Path) -> None:
     records = [read_record(path) for path in sorted(RUNS.glob("*.json"))]
     records = [r for r in records if len(r.get("correct", {})) == len(CONDITIONS)]
     accuracy = {r["task"]: {c: 100 * float(np.mean(v)) for c, v in r["correct"].items()} for r in records}
+    norms = {r["task"]: {"vector": r["vector_norm"], "hidden": r.get("hidden_norm", float("nan"))} for r in records}
     comparisons = []
     for record in records:
         for a, b in COMPARISONS:
@@ -186,12 +203,13 @@ def report(work_dir: Path) -> None:
         "heads": heads,
         "provenance": iv.provenance,
         "accuracy": accuracy,
+        "norms": norms,
         "comparisons": comparisons,
     }
-    write_results("ivg_check", payload, markdown(iv, accuracy, comparisons, heads))
+    write_results("ivg_check", payload, markdown(iv, accuracy, norms, comparisons, heads))
 
 
-def markdown(iv: InstructionVector, accuracy: dict, comparisons: list[dict], heads: list[dict]) -> str:
+def markdown(iv: InstructionVector, accuracy: dict, norms: dict, comparisons: list[dict], heads: list[dict]) -> str:
     lines = [
         "Instruction vector of the embedded SmolLM2-135M (the IV paper's Appendix E check): extracted from the first "
         f"{EXTRACT_ROWS} rows of each task ({IV_CONFIG.shots}-shot prompts, the {len(iv.heads)} heads with the "
@@ -199,14 +217,15 @@ def markdown(iv: InstructionVector, accuracy: dict, comparisons: list[dict], hea
         "Accuracy: the greedy answer's first token is the reference's, x100. Produced by `MALLOC_MMAP_MAX_=0 "
         "MALLOC_TRIM_THRESHOLD_=68719476736 python bench/ivg_check.py` (resumable; `--report` rebuilds this page).",
         "",
-        "| task | prompts answered right in extraction | " + " | ".join(CONDITIONS) + " |",
-        "|---|---|" + "---|" * len(CONDITIONS),
+        "| task | prompts answered right in extraction | IV norm / hidden norm | " + " | ".join(CONDITIONS) + " |",
+        "|---|---|---|" + "---|" * len(CONDITIONS),
     ]
     counts = iv.provenance.get("tasks", {})
     for task, values in accuracy.items():
-        extracted = counts.get(task, {})
+        extracted, norm = counts.get(task, {}), norms.get(task, {})
         lines.append(
             f"| {task} | {extracted.get('correct', '–')} / {extracted.get('prompts', '–')} | "
+            f"{norm.get('vector', float('nan')):.0f} / {norm.get('hidden', float('nan')):.0f} | "
             + " | ".join(f"{values[c]:.0f}" for c in CONDITIONS)
             + " |"
         )
