@@ -8,7 +8,9 @@ a CPU's hour) and the next EVAL_ROWS rows are the queries, none of them seen by 
 - sufficiency: zero-shot accuracy (the query alone) without and with the task's IV added at the last prompt token;
 - necessity: N-shot accuracy (N demonstrations of the task, then the query) without and with the IV removed;
 - control: the same with a random vector of the IV's norm (the paper: random vectors change nothing), and zero-shot
-  with the mean of the tasks' vectors (what IV-guided training adds when it is given several tasks).
+  with the mean of the tasks' vectors (what IV-guided training adds when it is given several tasks);
+- specificity: a quarter of the IV removed against a quarter of the random vector (the whole of either is about as
+  long as the hidden state it is added to, and wipes out any answer).
 
 A prompt is answered correctly when the greedy answer's first token is the reference's (as extraction counts it).
 Differences are paired by query, with bootstrap 95% intervals; the heads table gives the chosen heads' causal
@@ -67,6 +69,8 @@ CONDITIONS = {
     "N-shot": (IV_CONFIG.shots, None, 0.0),
     "N-shot - IV": (IV_CONFIG.shots, "iv", -1.0),
     "N-shot - random": (IV_CONFIG.shots, "random", -1.0),
+    "N-shot - IV/4": (IV_CONFIG.shots, "iv", -0.25),
+    "N-shot - random/4": (IV_CONFIG.shots, "random", -0.25),
 }
 """Per condition: the demonstrations before the query, the vector, its scale."""
 COMPARISONS = (
@@ -77,6 +81,8 @@ COMPARISONS = (
     ("N-shot - IV", "N-shot"),
     ("N-shot - random", "N-shot"),
     ("N-shot - IV", "N-shot - random"),
+    ("N-shot - IV/4", "N-shot"),
+    ("N-shot - IV/4", "N-shot - random/4"),
 )
 RUNS = RESULTS / "ivg_check"
 
