@@ -85,6 +85,7 @@ COMPARISONS = (
     ("N-shot - IV/4", "N-shot - random/4"),
 )
 RUNS = RESULTS / "ivg_check"
+VERDICTS = {"a better": "a higher", "b better": "b higher", "unresolved": "unresolved"}
 
 
 def task_name(dataset: str, template: str) -> str:
@@ -246,7 +247,7 @@ def markdown(iv: InstructionVector, accuracy: dict, norms: dict, comparisons: li
     for row in comparisons:
         lines.append(
             f"| {row['task']} | {row['a']} − {row['b']} | {row['difference']:+.1f} | "
-            f"[{row['low']:+.1f}, {row['high']:+.1f}] | {row['verdict']} |"
+            f"[{row['low']:+.1f}, {row['high']:+.1f}] | {VERDICTS[row['verdict']]} |"
         )
     lines += [
         "",
