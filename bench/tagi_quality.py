@@ -280,7 +280,8 @@ def report() -> None:
     }
     comparisons = []
     for variant, by_seed in found.items():
-        for method, other in (*others.items(), *((v, found[v]) for v in ("tagi",) if v != variant and v in found)):
+        against = dict(others) | ({"tagi": found["tagi"]} if variant != "tagi" and "tagi" in found else {})
+        for method, other in against.items():
             seeds = sorted(set(by_seed) & set(other)) if method != "base" else sorted(by_seed)
             if not seeds or not other:
                 continue

@@ -10,9 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..logits import logits_at
 from ..modes import evaluation_mode
-from .activations import first_token_right
+from .activations import first_token_right, last_prompt_logits
 from .intervention import intervene
 from .prompts import EncodedPrompt, padded_batch
 
@@ -41,10 +40,7 @@ def answered_correctly(
         for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
             chunk = prompts[start : start + batch_size]
             batch = padded_batch(chunk, pad_token_id, device)
-            keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-            keep[torch.arange(len(chunk), device=device), batch["last"]] = True
-            edit = nullcontext() if vector is None else intervene(model, vector, layer, scale=scale)
-            with edit:
-                logits = logits_at(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            with nullcontext() if vector is None else intervene(model, vector, layer, scale=scale):
+                logits = last_prompt_logits(model, batch)
             right.append(first_token_right(logits, chunk, top_k).cpu())
     return torch.cat(right) if right else torch.zeros(0, dtype=torch.bool)

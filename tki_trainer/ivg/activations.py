@@ -21,6 +21,14 @@ def first_token_right(logits: torch.Tensor, prompts: list[EncodedPrompt], top_k:
     return (logits > logits.gather(1, targets[:, None])).sum(1) < top_k
 
 
+def last_prompt_logits(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The next-token logits at each row's last prompt token of a `padded_batch`, [rows, vocab] (the head runs
+    there only)."""
+    keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
+    keep[torch.arange(len(batch["last"]), device=keep.device), batch["last"]] = True
+    return logits_at(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+
+
 @torch.no_grad()
 def task_activations(
     model: nn.Module,
@@ -45,11 +53,8 @@ def task_activations(
     for start in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
         chunk = prompts[start : start + batch_size]
         batch = padded_batch(chunk, pad_token_id, device)
-        rows = torch.arange(len(chunk), device=device)
-        keep = torch.zeros_like(batch["input_ids"], dtype=torch.bool)
-        keep[rows, batch["last"]] = True
         with heads.capture(batch["last"]) as capture:
-            logits = logits_at(model, keep, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            logits = last_prompt_logits(model, batch)
         right = first_token_right(logits, chunk, correct_top_k)
         total += capture.activations[right].float().sum(0).cpu()
         correct.append(right.cpu())
