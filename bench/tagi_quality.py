@@ -23,7 +23,6 @@ Each finished piece (teachers, a hypernetwork, an evaluation) is saved at once (
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -32,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset
 from peft import LoraConfig, PeftModel
-from trl import SFTConfig, SFTTrainer
+from trl import SFTConfig
 
 import quality
 from common import SNI, as_json, evaluate, mean_sd, read_record, training_arguments, write_record, write_results
@@ -43,7 +42,7 @@ from tki_trainer.embedded import load_embedded_encoder
 from tki_trainer.evaluation import generate_answers
 from tki_trainer.evaluation.comparison import paired_bootstrap
 from tki_trainer.presets import TAGI_PRESETS
-from tki_trainer.tagi import InstructionLoraConfig, TAGIConfig, TAGITrainer, sni_instruction_rows, teacher_rows
+from tki_trainer.tagi import InstructionLoraConfig, TAGIConfig, TAGITrainer, sni_instruction_rows, train_teachers
 from tki_trainer.tagi.rows import teacher_prompt
 
 
@@ -107,44 +106,27 @@ class Bench:
 
     def teachers(self, demonstrations: bool, seed: int) -> dict[str, str]:
         """One LoRA per category of the train rows (kept once saved), trained with the instruction in the prompt."""
-        rows = instruction_rows(self.data.train, demonstrations)
         kind = "demos" if demonstrations else "definition"
-        paths = {}
-        for name in sorted(set(rows["teacher"])):
-            path = self.work_dir / "teachers" / f"{kind}-s{seed}" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
-            paths[name] = str(path)
-            if (path / "adapter_model.safetensors").is_file():
-                continue
-            print(f"== teacher {kind} s{seed}: {name}", flush=True)
-            model, tokenizer = load_embedded_model()
-            trainer = SFTTrainer(
-                model,
-                args=SFTConfig(
-                    **training_arguments(
-                        self.work_dir / "teacher-run",
-                        learning_rate=PRESET["teacher_learning_rate"],
-                        seed=seed,
-                        per_device_train_batch_size=quality.BATCH,
-                        num_train_epochs=PRESET["teacher_epochs"],
-                        max_length=quality.MAX_LENGTH,
-                        save_strategy="no",
-                    )
-                ),
-                train_dataset=teacher_rows(
-                    rows.filter(lambda t, n=name: t == n, input_columns="teacher")
-                ).select_columns(["prompt", "completion"]),
-                processing_class=tokenizer,
-                peft_config=LoraConfig(
-                    r=PRESET["r"],
-                    lora_alpha=PRESET["lora_alpha"],
-                    target_modules=PRESET["lora_target"].split(","),
-                    task_type="CAUSAL_LM",
-                ),
+        args = SFTConfig(
+            **training_arguments(
+                self.work_dir / "teacher-run",
+                learning_rate=PRESET["teacher_learning_rate"],
+                seed=seed,
+                per_device_train_batch_size=quality.BATCH,
+                num_train_epochs=PRESET["teacher_epochs"],
+                max_length=quality.MAX_LENGTH,
+                save_strategy="no",
             )
-            trainer.train()
-            with staged_directory(path) as staging:
-                trainer.model.save_pretrained(str(staging))
-        return paths
+        )
+        peft_config = LoraConfig(
+            r=PRESET["r"],
+            lora_alpha=PRESET["lora_alpha"],
+            target_modules=PRESET["lora_target"].split(","),
+            task_type="CAUSAL_LM",
+        )
+        rows = instruction_rows(self.data.train, demonstrations)
+        output_dir = self.work_dir / "teachers" / f"{kind}-s{seed}"
+        return train_teachers(lambda: load_embedded_model()[0], rows, args, peft_config, output_dir, self.tokenizer)
 
     def adapter_config(self) -> InstructionLoraConfig:
         width = self.encoder.get_embedding_dimension()

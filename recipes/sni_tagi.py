@@ -29,18 +29,17 @@ import torch
 from accelerate import PartialState
 from datasets import Dataset
 from peft import LoraConfig
-from tqdm.auto import tqdm
 from transformers.trainer_utils import get_last_checkpoint
-from trl import SFTConfig, SFTTrainer, TrlParser
+from trl import SFTConfig, TrlParser
 
-from tki_trainer._io import staged_directory, staged_file
+from tki_trainer._io import staged_file
 from tki_trainer.data import add_query_embeddings, fitted_subset, load_sni, sni_splits
 from tki_trainer.embedded import load_model
 from tki_trainer.evaluation import answer_budgets, generate_answers, saved_answers, score_by, side_by_side
 from tki_trainer.hub import public_name
 from tki_trainer.preparation import query_encoder
 from tki_trainer.presets import TAGI_PRESETS
-from tki_trainer.tagi import InstructionLoraConfig, TAGIConfig, TAGITrainer, sni_instruction_rows, teacher_rows
+from tki_trainer.tagi import InstructionLoraConfig, TAGIConfig, TAGITrainer, sni_instruction_rows, train_teachers
 from tki_trainer.tagi.rows import teacher_prompt
 
 
@@ -107,43 +106,27 @@ def load_rows(recipe: RecipeArguments, config: TAGIConfig, tokenizer) -> tuple[D
     return rows[0], rows[1]
 
 
-def train_teachers(recipe: RecipeArguments, config: TAGIConfig, train: Dataset, tokenizer) -> dict[str, str]:
-    """One LoRA per teacher (category) of the training rows, trained by SFTTrainer with the instruction in the
-    prompt; a teacher already in ``output_dir/teachers`` is kept."""
-    paths = {}
-    for name in tqdm(sorted(set(train["teacher"])), desc="Teachers"):
-        path = Path(config.output_dir) / "teachers" / re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_").lower()
-        paths[name] = str(path)
-        if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
-            continue
-        rows = teacher_rows(
-            train.filter(lambda row, name=name: row["teacher"] == name), separator=config.teacher_separator
-        )
-        model, _ = load_model(recipe.model_name_or_path, torch.bfloat16 if config.bf16 else torch.float32)
-        with staged_directory(path) as staging:
-            teacher = SFTTrainer(
-                model,
-                args=SFTConfig(
-                    output_dir=str(staging),
-                    num_train_epochs=recipe.teacher_epochs,
-                    learning_rate=recipe.teacher_learning_rate,
-                    per_device_train_batch_size=config.per_device_train_batch_size,
-                    gradient_accumulation_steps=config.gradient_accumulation_steps,
-                    max_length=config.max_length,
-                    bf16=config.bf16,
-                    use_cpu=config.use_cpu,
-                    seed=config.seed,
-                    save_strategy="no",
-                    report_to="none",
-                    disable_tqdm=True,
-                ),
-                train_dataset=rows.select_columns(["prompt", "completion"]),
-                processing_class=tokenizer,
-                peft_config=lora_config(recipe),
-            )
-            teacher.train()
-            teacher.save_model()
-    return paths
+def teachers(recipe: RecipeArguments, config: TAGIConfig, train: Dataset, tokenizer) -> dict[str, str]:
+    """Stage 1: one LoRA per category of the train rows in ``output_dir/teachers`` (`train_teachers`)."""
+    dtype = torch.bfloat16 if config.bf16 else torch.float32
+    args = SFTConfig(
+        output_dir=str(Path(config.output_dir) / "teacher-run"),
+        num_train_epochs=recipe.teacher_epochs,
+        learning_rate=recipe.teacher_learning_rate,
+        per_device_train_batch_size=config.per_device_train_batch_size,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        max_length=config.max_length,
+        bf16=config.bf16,
+        use_cpu=config.use_cpu,
+        seed=config.seed,
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=True,
+    )
+    return train_teachers(
+        lambda: load_model(recipe.model_name_or_path, dtype)[0], train, args, lora_config(recipe),
+        Path(config.output_dir) / "teachers", tokenizer, separator=config.teacher_separator,
+    )  # fmt: skip
 
 
 def target_modules(recipe: RecipeArguments) -> str | list[str]:
@@ -187,10 +170,10 @@ def main(argv: list[str] | None = None) -> dict:
     _, tokenizer = load_model(recipe.model_name_or_path, dtype)
     train, test = load_rows(recipe, config, tokenizer)
     if PartialState().is_main_process:
-        config.teachers = train_teachers(recipe, config, train, tokenizer)
+        config.teachers = teachers(recipe, config, train, tokenizer)
     PartialState().wait_for_everyone()
     if not PartialState().is_main_process:
-        config.teachers = train_teachers(recipe, config, train, tokenizer)  # all present: only reads their paths
+        config.teachers = teachers(recipe, config, train, tokenizer)  # all present: only reads their paths
 
     encoder = query_encoder(config.instruction_encoder)
     model, _ = load_model(recipe.model_name_or_path, dtype)

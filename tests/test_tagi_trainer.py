@@ -15,6 +15,7 @@ from datasets import Dataset
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from transformers import CohereConfig, CohereForCausalLM, GraniteConfig, GraniteForCausalLM, LlamaForCausalLM
+from trl import SFTConfig, SFTTrainer
 
 from conftest import KEY_DIM, TINY_DECODER, tiny_llama, tiny_tokenizer
 from test_tagi import tagi_model
@@ -30,6 +31,7 @@ from tki_trainer.tagi import (
     pretraining_rows,
     teacher_prompt,
     teacher_rows,
+    train_teachers,
 )
 
 
@@ -261,6 +263,37 @@ def test_teacher_rows_put_the_instruction_in_the_prompt():
     assert data[0]["prompt"] == f"{INSTRUCTIONS['a']}\n\n{ROWS[0][0]}"
     turns = teacher_prompt([{"role": "system", "content": "s"}, {"role": "user", "content": "x"}], "Do it.")
     assert turns[1]["content"] == "Do it.\n\nx" and turns[0]["content"] == "s"
+
+
+def test_train_teachers_trains_each_teachers_rows_as_sft_trainer_does_and_keeps_saved_ones(tmp_path):
+    data, tokenizer = rows(), tiny_tokenizer()
+    args = SFTConfig(**common(tmp_path, "teacher-run", max_steps=2))
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    paths = train_teachers(tiny_llama, data, args, config, tmp_path / "teachers", tokenizer)
+    assert sorted(paths) == ["a", "b"]
+
+    own = data.filter(lambda teacher: teacher == "b", input_columns="teacher")
+    reference = SFTTrainer(
+        tiny_llama(),
+        args=args,
+        train_dataset=teacher_rows(own).select_columns(["prompt", "completion"]),
+        processing_class=tokenizer,
+        peft_config=config,
+    )
+    reference.train()
+    trained = PeftModel.from_pretrained(tiny_llama(), paths["b"])
+    expected = {name: p for name, p in reference.model.named_parameters() if "lora_" in name}
+    for name, parameter in trained.named_parameters():
+        if "lora_" in name:
+            torch.testing.assert_close(parameter, expected[name])
+
+    def refuse():
+        raise AssertionError("a saved teacher was trained again")
+
+    assert train_teachers(refuse, data, args, config, tmp_path / "teachers", tokenizer) == paths
+    clashing = data.map(lambda row: {"teacher": "A" if row["teacher"] == "b" else "a"})
+    with pytest.raises(ValueError, match="one directory each"):
+        train_teachers(refuse, clashing, args, config, tmp_path / "other", tokenizer)
 
 
 @pytest.mark.parametrize(

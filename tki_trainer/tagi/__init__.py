@@ -6,7 +6,7 @@ adapters. `TAGITrainer` trains the hypernetwork (with teachers: distillation and
 
 from .config import TAGIConfig
 from .rows import pretraining_rows, sni_instruction_rows, teacher_prompt, teacher_rows
-from .teachers import TeacherLoras
+from .teachers import TeacherLoras, train_teachers
 from .trainer import TAGITrainer
 from .tuner import (
     InstructionLoraConfig,
@@ -32,4 +32,5 @@ __all__ = [
     "sni_instruction_rows",
     "teacher_prompt",
     "teacher_rows",
+    "train_teachers",
 ]

@@ -1,16 +1,70 @@
-"""TAGI's teachers: one plain PEFT LoRA per task category, trained with the instruction in the prompt, stacked per
-module so that a batch mixing categories reads each row's teacher in one forward (`apply_lora`)."""
+"""TAGI's teachers: one plain PEFT LoRA per task category, trained with the instruction in the prompt
+(`train_teachers`), stacked per module so that a batch mixing categories reads each row's teacher in one forward
+(`apply_lora`)."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+import re
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import torch
+from datasets import Dataset
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel
+from trl import SFTConfig, SFTTrainer
 
+from .._io import staged_directory
 from .losses import Factors
+from .rows import teacher_rows
+
+
+def train_teachers(
+    model_init: Callable[[], PreTrainedModel],
+    dataset: Dataset,
+    args: SFTConfig,
+    peft_config: LoraConfig,
+    output_dir: str | os.PathLike,
+    processing_class=None,
+    instruction_column: str = "instruction",
+    separator: str = "\n\n",
+) -> dict[str, str]:
+    """Train one LoRA per teacher named in ``dataset["teacher"]`` with `SFTTrainer`, on that teacher's rows with the
+    instruction in the prompt (`teacher_rows`), and save it as a plain PEFT adapter in ``output_dir/<teacher>``.
+
+    A teacher already saved there is kept, so a rerun resumes where an interrupted one stopped. ``model_init``
+    gives a fresh base model for each teacher; ``args`` is every teacher's (its ``output_dir`` only holds
+    checkpoints). Returns ``{teacher: adapter directory}``, the value of `TAGIConfig.teachers`.
+    """
+    missing = [column for column in ("teacher", instruction_column) if column not in dataset.column_names]
+    if missing:
+        raise ValueError(f"train_teachers needs rows with a 'teacher' and an instruction column; missing {missing}.")
+    names = sorted(set(dataset["teacher"]))
+    paths = {name: str(Path(output_dir) / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")) for name in names}
+    if len(set(paths.values())) < len(names) or any(Path(path).name == "" for path in paths.values()):
+        raise ValueError(
+            f"Teacher names {names[:5]} do not give one directory each (letters and digits, case ignored): rename "
+            "the teachers so that each has its own."
+        )
+    for name in tqdm(names, desc="Teachers"):
+        path = Path(paths[name])
+        if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
+            continue
+        rows = dataset.filter(lambda teacher, name=name: teacher == name, input_columns="teacher")
+        trainer = SFTTrainer(
+            model_init(),
+            args=args,
+            train_dataset=teacher_rows(rows, instruction_column, separator).select_columns(["prompt", "completion"]),
+            processing_class=processing_class,
+            peft_config=peft_config,
+        )
+        trainer.train()
+        with staged_directory(path) as staging:
+            trainer.model.save_pretrained(str(staging))
+    return paths
 
 
 class TeacherLoras:
