@@ -7,7 +7,7 @@ from pathlib import Path
 
 from conftest import tiny_tokenizer
 from test_tagi import tagi_model
-from test_tagi_trainer import rows
+from test_tagi_trainer import LAYOUT, rows
 from test_trainer import common
 from tki_trainer.tagi import TAGIConfig, TAGITrainer
 
@@ -18,7 +18,7 @@ def main(output_dir: str, teacher_a: str, teacher_b: str, batch: int, accumulati
         gradient_accumulation_steps=accumulation, learning_rate=1e-3, train_sampling_strategy="sequential",
     )  # fmt: skip
     args = TAGIConfig(**settings, teachers={"a": teacher_a, "b": teacher_b}, kl_weight=1.0, matching_weight=1.0)
-    trainer = TAGITrainer(tagi_model(), args=args, train_dataset=rows(), processing_class=tiny_tokenizer())
+    trainer = TAGITrainer(tagi_model(), args=args, train_dataset=rows(LAYOUT), processing_class=tiny_tokenizer())
     trainer.train()
     if trainer.accelerator.is_main_process:
         trainer.model.save_pretrained(f"{output_dir}/adapter")

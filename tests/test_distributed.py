@@ -58,8 +58,9 @@ def test_two_processes_equal_one_with_instruction_vector_guidance(tmp_path, kr, 
 @pytest.mark.parametrize("accumulation", [1, 2])
 def test_two_processes_train_the_same_hypernetwork_as_one_with_tagi(tmp_path, accumulation):
     """TAGITrainer's three terms (the prediction loss over the step's answer tokens; the distillation and the
-    parameter matching, each a mean over rows) split over processes and micro-batches as over one batch, whose
-    rows mix two teachers and answers of different lengths."""
+    gated parameter matching, each a mean over rows) split over processes and micro-batches as over one batch,
+    whose rows mix two teachers unevenly (one process's micro-batch holds a, a; the other's a, b) and answers of
+    different lengths; one teacher's gate is below 1."""
     teachers = teachers_of(tmp_path)
     script = str(HERE / "tagi_distributed_run.py")
     run([sys.executable, script, str(tmp_path / "one"), *teachers, "4", "1"], tmp_path)

@@ -36,14 +36,16 @@ from tki_trainer.tagi import (
 
 
 INSTRUCTIONS = {"a": "Complete the sentence.", "b": "Answer the question."}
+LAYOUT = "aaabaaab"
+"""Three rows of one task to one of the other: a mean over tasks would weigh the two alike, a mean over rows not."""
 
 
-def rows():
+def rows(layout="abababab"):
+    """The tiny rows, each row's task and teacher named by its letter of ``layout``."""
     generator = torch.Generator().manual_seed(5)
     embeddings = {name: torch.randn(KEY_DIM, generator=generator).tolist() for name in INSTRUCTIONS}
     data = []
-    for i, (prompt, completion) in enumerate(ROWS):
-        teacher = "a" if i % 2 == 0 else "b"
+    for (prompt, completion), teacher in zip(ROWS, layout, strict=True):
         data.append(
             {
                 "prompt": prompt,
@@ -81,9 +83,27 @@ def save_teacher(path, seed, base=tiny_llama, **overrides):
     return str(path)
 
 
+def save_close_teacher(path, task, noise, base=tiny_llama):
+    """A plain PEFT LoRA (r 4, alpha 8, as `tagi_model`'s) near the update `tagi_model` generates for ``task``'s
+    instruction, so that its matching distance is small enough (about 1) for the sigmoid gate to differ from 1."""
+    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    model = get_peft_model(base(), config)
+    embedding = torch.tensor([next(row["instruction_embedding"] for row in rows() if row["teacher"] == task)])
+    generated = generate_lora(tagi_model(base=base), embedding)
+    generator = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for module, (lora_a, lora_b) in generated.items():
+            layer = model.get_submodule(f"base_model.model.{module}")
+            layer.lora_A["default"].weight.copy_(lora_a[0])
+            layer.lora_B["default"].weight.copy_(lora_b[0] + noise * torch.randn(lora_b[0].shape, generator=generator))
+    model.save_pretrained(path)
+    return str(path)
+
+
 def teachers(tmp_path, base=tiny_llama):
+    """Teacher "a" near the update generated for its task (a gate below 1), teacher "b" far (a gate of 1)."""
     return {
-        "a": save_teacher(tmp_path / "teacher-a", 1, base),
+        "a": save_close_teacher(tmp_path / "teacher-a", "a", 0.02, base),
         "b": save_teacher(tmp_path / "teacher-b", 2, base, lora_alpha=4),
     }
 
@@ -114,12 +134,12 @@ def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(t
     trainer = TAGITrainer(
         model,
         args=tagi_args(tmp_path, teachers=paths, kl_weight=1.0, matching_weight=1.0, learning_rate=1e-3),
-        train_dataset=rows(),
+        train_dataset=rows(LAYOUT),
         processing_class=tokenizer,
     )
     trainer.train()
 
-    data = rows()
+    data = rows(LAYOUT)
     student_logits, teacher_logits, predictions = [], [], []
     plain = {name: PeftModel.from_pretrained(base(), path).eval() for name, path in paths.items()}
     before.eval()
@@ -144,19 +164,22 @@ def test_the_logged_terms_equal_a_per_row_computation_with_plain_peft_teachers(t
     tokens = sum(len(s) for s in student_logits)
     assert logged(trainer, "loss_pred") == pytest.approx([(sum(predictions) / tokens).item()], rel=1e-4)
 
-    embeddings = torch.tensor([data[0]["instruction_embedding"], data[1]["instruction_embedding"]])
+    embeddings = torch.tensor([next(r["instruction_embedding"] for r in data if r["teacher"] == t) for t in "ab"])
     generated = generate_lora(before, embeddings)
-    distance = torch.zeros(())
-    for task, name in enumerate(["a", "b"]):
+    distance = {}
+    for task, name in enumerate("ab"):
         weights = load_file(f"{paths[name]}/adapter_model.safetensors")
         scaling = {"a": 8 / 4, "b": 4 / 4}[name]
+        distance[name] = torch.zeros(())
         for module, (lora_a, lora_b) in generated.items():
             key = f"base_model.model.{module}"
             update = 2.0 * lora_b[task] @ lora_a[task]  # lora_alpha 8 / r 4
             target = scaling * weights[f"{key}.lora_B.weight"] @ weights[f"{key}.lora_A.weight"]
-            distance = distance + ((update - target) ** 2).sum()
-    assert logged(trainer, "loss_match") == pytest.approx([distance.item() / 2], rel=1e-4)
-    assert logged(trainer, "match_gate") == pytest.approx([torch.sigmoid(distance / 2).item()], rel=1e-4)
+            distance[name] = distance[name] + ((update - target) ** 2).sum()
+    per_row = torch.stack([distance[row["teacher"]] for row in data])  # each row once: 6 of "a", 2 of "b"
+    assert 0.1 < torch.sigmoid(distance["a"]) < 0.9 < torch.sigmoid(distance["b"])  # both gates matter
+    assert logged(trainer, "loss_match") == pytest.approx([per_row.mean().item()], rel=1e-4)
+    assert logged(trainer, "match_gate") == pytest.approx([torch.sigmoid(per_row).mean().item()], rel=1e-4)
 
     after = dict(trainer.model.named_parameters())
     changed = {name for name, p in before.named_parameters() if not torch.equal(p, after[name])}

@@ -21,8 +21,8 @@ def distillation(
     """KL(teacher || student) at ``temperature``, times its square (the gradients then keep their size as the
     temperature changes, Hinton et al.), averaged over each row's positions, then over rows. Logits are [positions,
     vocab], the same answer tokens in the same order on both sides (the teacher's prompt holds the instruction, the
-    student's does not); ``rows`` [positions] says whose each position is. Each row counts once, as each task does in
-    parameter matching, so the term splits over micro-batches and processes as one batch does."""
+    student's does not); ``rows`` [positions] says whose each position is. Each row counts once, as in parameter
+    matching, so the term splits over micro-batches and processes as one batch does."""
     student = F.log_softmax(student_logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
     per_position = F.kl_div(student, teacher, reduction="none", log_target=True).sum(-1)
@@ -50,9 +50,9 @@ def update_distance(
 def parameter_matching(
     generated: dict[str, Factors], teacher: dict[str, Factors], generated_scale: float, teacher_scale: float
 ) -> torch.Tensor:
-    """The squared distance of the generated update from the teacher's, summed over the modules both adapt and
-    averaged over tasks (``scale``: each LoRA's ``lora_alpha / r``). Modules only one of them adapts are refused:
-    the distance would silently leave them out."""
+    """The squared distance of each task's generated update from its teacher's, summed over the modules both adapt,
+    [tasks] (``scale``: each LoRA's ``lora_alpha / r``). Modules only one of them adapts are refused: the distance
+    would silently leave them out."""
     if generated.keys() != teacher.keys():
         raise ValueError(
             "The generated LoRA and the teacher LoRA adapt different modules (only generated: "
@@ -60,4 +60,4 @@ def parameter_matching(
             " train the teachers with the target_modules of the InstructionLoraConfig."
         )
     distances = [update_distance(generated[name], teacher[name], generated_scale, teacher_scale) for name in generated]
-    return torch.stack(distances).sum(0).mean()
+    return torch.stack(distances).sum(0)

@@ -157,9 +157,9 @@ class TAGITrainer(SFTTrainer):
             if self.args.matching_weight > 0:
                 distance = self._matching(unwrapped, embeddings, teacher[TEACHER_INDEX])
                 gate = torch.sigmoid(distance) if self.args.matching_gate == "sigmoid" else torch.ones_like(distance)
-                loss = loss + weight * self.args.matching_weight * gate * distance
-                self._record("loss_match", distance, mode)
-                self._record("match_gate", gate, mode)
+                loss = loss + weight * self.args.matching_weight * (gate * distance).mean()
+                self._record("loss_match", distance.mean(), mode)
+                self._record("match_gate", gate.mean(), mode)
         return (loss, result[1]) if return_outputs else loss
 
     def _distillation(
@@ -180,15 +180,19 @@ class TAGITrainer(SFTTrainer):
         return distillation(student_logits, teacher_logits, rows, self.args.kl_temperature)
 
     def _matching(self, model: torch.nn.Module, embeddings: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
-        """The squared distance of each task's generated update from its teacher's, averaged over the micro-batch's
-        distinct tasks (one hypernetwork call for all of them)."""
+        """Each row's task's squared distance of the generated update from its teacher's, [rows]: one hypernetwork
+        call for the micro-batch's distinct tasks. Gated and averaged over rows, the term counts each row once, so
+        it splits over micro-batches and processes as one batch does (a mean over tasks would not)."""
         tasks, task_of_row = torch.unique(embeddings, dim=0, return_inverse=True)
         teacher_of_task = torch.empty(len(tasks), dtype=teachers.dtype, device=teachers.device)
         teacher_of_task.scatter_(0, task_of_row, teachers)  # one teacher per instruction (checked on the rows)
         tuner = find_instruction_tuner(model)
         config = tuner.peft_config[tuner.active_adapters[0]]
         generated = generate_lora(model, tasks)
-        return parameter_matching(generated, self.teachers.gather(teacher_of_task), config.lora_alpha / config.r, 1.0)
+        per_task = parameter_matching(
+            generated, self.teachers.gather(teacher_of_task), config.lora_alpha / config.r, 1.0
+        )
+        return per_task[task_of_row]
 
     def _record(self, name: str, value: torch.Tensor, mode: str) -> None:
         self._metrics[mode][name].append(self.accelerator.gather_for_metrics(value.detach()).mean().item())
