@@ -169,11 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if config.bf16 else torch.float32
     _, tokenizer = load_model(recipe.model_name_or_path, dtype)
     train, test = load_rows(recipe, config, tokenizer)
-    if PartialState().is_main_process:
-        config.teachers = teachers(recipe, config, train, tokenizer)
-    PartialState().wait_for_everyone()
-    if not PartialState().is_main_process:
-        config.teachers = teachers(recipe, config, train, tokenizer)  # all present: only reads their paths
+    config.teachers = teachers(recipe, config, train, tokenizer)
 
     encoder = query_encoder(config.instruction_encoder)
     model, _ = load_model(recipe.model_name_or_path, dtype)

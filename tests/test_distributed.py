@@ -81,6 +81,23 @@ def test_two_processes_train_the_same_hypernetwork_as_one_with_tagi(tmp_path, ac
         assert second == pytest.approx(first, rel=1e-4), name
 
 
+def test_two_processes_train_the_same_teachers_as_one(tmp_path):
+    """`train_teachers` called by every process (as the recipe calls it under ``accelerate launch``): each teacher
+    trains data-parallel, the main process saves it, and the adapters equal one process's at twice the batch."""
+    script = str(HERE / "teachers_distributed_run.py")
+    run([sys.executable, script, str(tmp_path / "one"), "2"], tmp_path)
+    config = str(HERE.parent / "recipes" / "accelerate" / "ddp.yaml")
+    run([sys.executable, "-m", "accelerate.commands.launch", "--config_file", config, "--main_process_port", "29539",
+         script, str(tmp_path / "two"), "1"], tmp_path)  # fmt: skip
+    for teacher in ("a", "b"):
+        one, two = (
+            load_file(tmp_path / run / "teachers" / teacher / "adapter_model.safetensors") for run in ("one", "two")
+        )
+        assert one.keys() == two.keys() and any(value.abs().sum() > 0 for value in one.values())
+        for key in one:
+            torch.testing.assert_close(two[key], one[key], atol=1e-6, rtol=1e-5)
+
+
 def teachers_of(tmp_path):
     paths = teachers_by_name(tmp_path)
     return [paths["a"], paths["b"]]

@@ -314,9 +314,17 @@ def test_train_teachers_trains_each_teachers_rows_as_sft_trainer_does_and_keeps_
         raise AssertionError("a saved teacher was trained again")
 
     assert train_teachers(refuse, data, args, config, tmp_path / "teachers", tokenizer) == paths
-    clashing = data.map(lambda row: {"teacher": "A" if row["teacher"] == "b" else "a"})
-    with pytest.raises(ValueError, match="one directory each"):
-        train_teachers(refuse, clashing, args, config, tmp_path / "other", tokenizer)
+    other_rate = SFTConfig(**common(tmp_path, "teacher-run", max_steps=2, learning_rate=1e-3))
+    with pytest.raises(ValueError, match="trained with other training than asked now: delete that directory"):
+        train_teachers(refuse, data, other_rate, config, tmp_path / "teachers", tokenizer)
+    other_rows = data.map(lambda row: {"completion": row["completion"] + "!"})
+    with pytest.raises(ValueError, match="trained with other rows than asked now"):
+        train_teachers(refuse, other_rows, args, config, tmp_path / "teachers", tokenizer)
+    for names in ({"a": "a", "b": "A"}, {"a": "?", "b": "?"}):  # "a" and "A" share a directory, "?" has none
+        renamed = data.map(lambda row, names=names: {"teacher": names[row["teacher"]]})
+        with pytest.raises(ValueError, match="one directory each"):
+            train_teachers(refuse, renamed, args, config, tmp_path / "other", tokenizer)
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize(

@@ -4,13 +4,17 @@
 
 from __future__ import annotations
 
+import copy
+import json
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from datasets import Dataset
+from datasets.fingerprint import Hasher
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
@@ -20,6 +24,21 @@ from trl import SFTConfig, SFTTrainer
 from .._io import staged_directory
 from .losses import Factors
 from .rows import teacher_rows
+
+
+TRAINING_RECORD = "teacher_training.json"
+"""Saved beside each adapter `train_teachers` trains: what the teacher was trained on and with."""
+TRAINING_FIELDS = (
+    "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
+    "seed", "data_seed", "max_length", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim",
+    "bf16", "fp16", "completion_only_loss", "assistant_only_loss", "packing",
+)  # fmt: skip
+"""The `SFTConfig` fields a teacher's weights depend on (logging, saving and reporting fields do not count)."""
+LORA_FIELDS = (
+    "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "lora_dropout", "use_rslora",
+    "use_dora", "bias", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save",
+)  # fmt: skip
+"""The `LoraConfig` fields a teacher's weights depend on (not PEFT's version, nor what PEFT fills in on use)."""
 
 
 def train_teachers(
@@ -35,36 +54,72 @@ def train_teachers(
     """Train one LoRA per teacher named in ``dataset["teacher"]`` with `SFTTrainer`, on that teacher's rows with the
     instruction in the prompt (`teacher_rows`), and save it as a plain PEFT adapter in ``output_dir/<teacher>``.
 
-    A teacher already saved there is kept, so a rerun resumes where an interrupted one stopped. ``model_init``
-    gives a fresh base model for each teacher; ``args`` is every teacher's (its ``output_dir`` only holds
-    checkpoints). Returns ``{teacher: adapter directory}``, the value of `TAGIConfig.teachers`.
+    A teacher saved there from the same rows, LoRA config and training fields is kept, so a rerun resumes where an
+    interrupted one stopped; one saved from others is refused (it would silently teach another task). Run by every
+    process under ``accelerate launch``: each teacher trains data-parallel, the main process saves it.
+    ``model_init`` gives a fresh base model for each teacher; each teacher's checkpoints, if ``args`` asks for
+    any, go to ``args.output_dir/<teacher>``. Returns ``{teacher: adapter directory}`` for `TAGIConfig.teachers`.
     """
     missing = [column for column in ("teacher", instruction_column) if column not in dataset.column_names]
     if missing:
         raise ValueError(f"train_teachers needs rows with a 'teacher' and an instruction column; missing {missing}.")
     names = sorted(set(dataset["teacher"]))
-    paths = {name: str(Path(output_dir) / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")) for name in names}
-    if len(set(paths.values())) < len(names) or any(Path(path).name == "" for path in paths.values()):
+    slugs = {name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") for name in names}
+    if len(set(slugs.values())) < len(names) or not all(slugs.values()):
         raise ValueError(
             f"Teacher names {names[:5]} do not give one directory each (letters and digits, case ignored): rename "
             "the teachers so that each has its own."
         )
+    paths = {name: Path(output_dir) / slug for name, slug in slugs.items()}
     for name in tqdm(names, desc="Teachers"):
-        path = Path(paths[name])
-        if (path / "adapter_model.safetensors").is_file() and (path / "adapter_config.json").is_file():
-            continue
         rows = dataset.filter(lambda teacher, name=name: teacher == name, input_columns="teacher")
-        trainer = SFTTrainer(
-            model_init(),
-            args=args,
-            train_dataset=teacher_rows(rows, instruction_column, separator).select_columns(["prompt", "completion"]),
-            processing_class=processing_class,
-            peft_config=peft_config,
+        rows = teacher_rows(rows, instruction_column, separator).select_columns(["prompt", "completion"])
+        record = {
+            "rows": Hasher.hash(rows.to_dict()),
+            "lora": {field: getattr(peft_config, field, None) for field in LORA_FIELDS},
+            "training": {field: getattr(args, field, None) for field in TRAINING_FIELDS},
+        }
+        if _saved_as(paths[name], name, record):
+            continue
+        teacher_args = copy.copy(args)
+        teacher_args.output_dir = str(Path(args.output_dir) / slugs[name])
+        _train(model_init(), rows, teacher_args, peft_config, processing_class, paths[name], record)
+    return {name: str(path) for name, path in paths.items()}
+
+
+def _saved_as(path: Path, name: str, record: dict) -> bool:
+    """Whether ``path`` holds teacher ``name`` trained as ``record`` says (False: nothing there yet)."""
+    if not (path / "adapter_model.safetensors").is_file():
+        return False
+    if not (path / TRAINING_RECORD).is_file():
+        raise ValueError(
+            f"Teacher {name!r} in {path} has no {TRAINING_RECORD} (train_teachers did not save it): delete that "
+            "directory to train it here, or give train_teachers another output_dir."
         )
-        trainer.train()
+    saved = json.loads((path / TRAINING_RECORD).read_text())
+    changed = sorted(key for key in record if saved.get(key) != _as_json(record[key]))
+    if changed:
+        raise ValueError(
+            f"Teacher {name!r} in {path} was trained with other {' and '.join(changed)} than asked now: delete that "
+            "directory to retrain it, or give train_teachers another output_dir."
+        )
+    return True
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` as it reads back from JSON, sets sorted (their order changes from one process to the next)."""
+    return json.loads(json.dumps(value, default=lambda v: sorted(v) if isinstance(v, (set, frozenset)) else str(v)))
+
+
+def _train(model, rows, args, peft_config, processing_class, path: Path, record: dict) -> None:
+    trainer = SFTTrainer(model, args=args, train_dataset=rows, processing_class=processing_class,
+                         peft_config=peft_config)  # fmt: skip
+    trainer.train()
+    if trainer.accelerator.is_main_process:
         with staged_directory(path) as staging:
             trainer.model.save_pretrained(str(staging))
-    return paths
+            (staging / TRAINING_RECORD).write_text(json.dumps(_as_json(record), indent=1))
+    trainer.accelerator.wait_for_everyone()
 
 
 class TeacherLoras:
