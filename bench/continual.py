@@ -174,6 +174,17 @@ demonstrations of its task, scored by whether the greedy answer's first token is
 after the last."""
 
 
+ICL_SETTINGS = {"queries": ICL_QUERIES, "tasks": list(ivg_check.TASKS), "shots": ivg_check.IV_CONFIG.shots}
+"""Saved with each in-context result: one measured under other settings is measured again."""
+
+
+def has_bank(method: str) -> bool:
+    """Whether the method's model holds a TKI latent bank (routed by each row's query): every TKITrainer row except
+    IVG alone, which guides plain sequential LoRA."""
+    spec = METHODS[method]
+    return spec.trainer == "tki" and (not spec.guided or spec.old_rows == "flashbacks")
+
+
 def trained_as(method: str, stage: int) -> str:
     """The run that holds ``method``'s model after ``stage``: at stage 1 nothing old exists, so every method of the
     same trainer is one model (SFT's, or LTA's), except guided ones, which train stage 1 with their own vector."""
@@ -188,6 +199,12 @@ def tests_of(run: str, stage: int) -> tuple[str, ...]:
     if stage == 0 or (stage == len(STAGES) and run in IN_CONTEXT_ROWS):
         return (*TESTS, "icl")
     return TESTS
+
+
+def measured(record: dict, test: str) -> bool:
+    """Whether a piece's record holds ``test``'s result under the current settings."""
+    result = record.get("eval", {}).get(test)
+    return result is not None and (test != "icl" or result.get("settings") == as_json(ICL_SETTINGS))
 
 
 def piece_name(run: str, seed: int, stage: int) -> str:
@@ -279,6 +296,9 @@ class Data:
             ]
         ]
         """In-context prompts of P3's held-out tasks: the first ICL_QUERIES of each task's queries in the IV check."""
+        texts = [tokenizer.decode(prompt.prompt_ids, skip_special_tokens=True) for _, prompt in self.icl]
+        self.icl_queries = torch.tensor(embedded(Dataset.from_dict({"prompt": texts}))["query_embedding"])
+        """Each in-context prompt's query embedding (its text), for models routed by one."""
 
     def extraction_rows(self, stage: int, path: Path) -> Path:
         """The stage's training rows as the tasks an instruction vector is extracted from (one task: the cluster)."""
@@ -353,7 +373,7 @@ class Bench:
                     stage, self.work_dir / "ivg" / f"{piece_name(run, seed, stage)}.jsonl"
                 )
                 guidance = {"ivg_tasks": str(tasks), "ivg_extraction": json.dumps(IVG_EXTRACTION), **IVG_GUIDANCE}
-            latent = not spec.guided or spec.old_rows == "flashbacks"  # IVG alone guides plain sequential LoRA
+            latent = has_bank(run)
             config = TKIConfig(
                 **args,
                 lta=latent,
@@ -401,7 +421,7 @@ class Bench:
             record = {"config": config}
         adapter = self.adapter(run, seed, stage)
         tests = tests_of(run, stage)
-        missing = [test for test in tests if test not in record.get("eval", {})]
+        missing = [test for test in tests if not measured(record, test)]
         if stage > 0 and ("train" not in record or (not adapter.is_dir() and (missing or adapter_needed))):
             if stage > 1:
                 self.ensure(trained_as(run, stage - 1), seed, stage - 1, adapter_needed=True)
@@ -414,7 +434,7 @@ class Bench:
                 {"eval": record["eval"]} if same and "eval" in record else {}
             )  # an adapter retrained to the same bytes keeps its evaluations
             write_record(path, record)
-            missing = [test for test in tests if test not in record.get("eval", {})]
+            missing = [test for test in tests if not measured(record, test)]
         if not missing:
             return
         model, tokenizer = load_embedded_model()
@@ -425,19 +445,23 @@ class Bench:
             print(f"== evaluating {name} on {test}", flush=True)
             started = time.time()
             if test == "icl":
-                result = self.in_context(model, tokenizer)
+                result = self.in_context(model, tokenizer, routed=stage > 0 and has_bank(run))
             else:
                 result = evaluate(model, tokenizer, self.data.tests[test], "cluster", cap=ANSWER_TOKENS)
             record.setdefault("eval", {})[test] = {**result, "seconds": time.time() - started}
             write_record(path, record)
 
-    def in_context(self, model, tokenizer) -> dict:
-        """Accuracy x100 on the held-out tasks' in-context prompts, overall, per task and per prompt."""
+    def in_context(self, model, tokenizer, routed: bool) -> dict:
+        """Accuracy x100 on the held-out tasks' in-context prompts, overall, per task and per prompt; a model with a
+        latent bank routes each prompt by its embedding, as its answers to any prompt are."""
         tasks, prompts = zip(*self.data.icl)
-        right = answered_correctly(model, list(prompts), pad_token_id=tokenizer.pad_token_id, desc="in-context")
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        queries = self.data.icl_queries if routed else None
+        right = answered_correctly(model, list(prompts), pad_token_id=pad, query_embeddings=queries, desc="in-context")
         per_example = (100 * right.float()).tolist()
         by_task = {task: float(np.mean([v for t, v in zip(tasks, per_example) if t == task])) for task in set(tasks)}
-        return {"all": float(np.mean(per_example)), "by_group": by_task, "per_example": per_example}
+        return {"all": float(np.mean(per_example)), "by_group": by_task, "per_example": per_example,
+                "settings": ICL_SETTINGS}  # fmt: skip
 
     def run(self, methods: list[str], seeds: list[int]) -> None:
         sizes = {
@@ -529,13 +553,14 @@ def replay_share(sft: np.ndarray, replay: np.ndarray, jfa: np.ndarray, resamples
 def in_context(found: dict, runs: Path) -> tuple[dict, list]:
     """In-context accuracy before the first stage and after the last, per row (mean over seeds), and the rows'
     differences after the last stage, paired by seed and prompt."""
-    base = read_record(runs / f"{piece_name('base', 0, 0)}.json").get("eval", {}).get("icl")
+    base = read_record(runs / f"{piece_name('base', 0, 0)}.json")
+    base = base["eval"]["icl"] if measured(base, "icl") else None
     after = {}
     for method in IN_CONTEXT_ROWS:
         by_seed = {
             seed: record["eval"]["icl"]["per_example"]
             for seed in found.get(method, {})
-            if "icl" in (record := read_record(runs / f"{piece_name(method, seed, len(STAGES))}.json")).get("eval", {})
+            if measured(record := read_record(runs / f"{piece_name(method, seed, len(STAGES))}.json"), "icl")
         }
         if by_seed:
             after[method] = by_seed

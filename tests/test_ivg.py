@@ -8,7 +8,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors import safe_open
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-from conftest import tiny_llama, tiny_tokenizer
+from conftest import KEY_DIM, tiny_llama, tiny_tokenizer, tki_config, trained_like
+from tki_trainer import route
 from tki_trainer.ivg import (
     AttentionHeads,
     EncodedPrompt,
@@ -501,3 +502,20 @@ def test_embedded_smollm2_capture_effects_and_intervention():
     expected = clean[10].clone()
     expected[0, -1] += 3 * vector
     torch.testing.assert_close(edited[10], expected)
+
+
+@torch.no_grad()
+def test_answered_correctly_routes_each_prompt_of_a_latent_bank_model_by_its_query():
+    model = trained_like(get_peft_model(tiny_llama(), tki_config())).eval()
+    prompts = prompts_of([5, 9, 7, 4, 8], seed=3)
+    queries = torch.randn(len(prompts), KEY_DIM, generator=torch.Generator().manual_seed(2))
+    for i, prompt in enumerate(prompts):  # right on even queries, given each prompt's own route
+        with route(model, queries[i : i + 1]):
+            logits = model(input_ids=torch.tensor([prompt.prompt_ids])).logits[0, -1]
+        prompt.answer_ids[0] = int(logits.argmax()) if prompt.query % 2 == 0 else int(logits.argmin())
+    right = answered_correctly(model, prompts, pad_token_id=0, query_embeddings=queries, batch_size=2)
+    assert right.tolist() == [prompt.query % 2 == 0 for prompt in prompts]
+    with pytest.raises(ValueError, match="give one per prompt"):
+        answered_correctly(model, prompts, pad_token_id=0, query_embeddings=queries[:2])
+    with pytest.raises(ValueError, match="top 1 or more"):
+        answered_correctly(model, prompts, pad_token_id=0, top_k=0)

@@ -15,6 +15,7 @@ from tki_trainer import TKIConfig, TKITrainer
 from tki_trainer.ivg import InstructionVector, IVConfig, extract_instruction_vector, intervene
 from tki_trainer.ivg.guidance import InstructionVectorGuidance, last_prompt_positions
 from tki_trainer.objective import MicroBatch
+from tki_trainer.tuner import bypass_bank
 
 
 LAYER = 0
@@ -219,3 +220,24 @@ def test_a_vector_extracted_from_tasks_at_construction_equals_the_one_extracted_
         "the mean vector of upper, echo, extracted from `tasks.jsonl`"
         in (tmp_path / "extracted" / "README.md").read_text()
     )
+
+
+def test_a_model_arriving_with_a_latent_bank_extracts_its_vector_past_the_bank(tmp_path):
+    """The next stage of continual training: the model holds the previous stage's trained bank, and the in-context
+    prompts of extraction have no query, so the vector is extracted with the bank bypassed (the shared LoRA and
+    the previous stage's weights apply), as flashbacks without queries are."""
+    data = tmp_path / "tasks.jsonl"
+    Dataset.from_list(task_rows()).to_json(data)
+    settings = dict(
+        shots=2, activation_prompts=4, effect_prompts=2, correct_top_k=None, top_heads=3, heads_per_batch=3
+    )
+    previous = trainer_with(tmp_path, "stage1")
+    previous.train()
+    model = previous.model
+    with bypass_bank(model):
+        direct = extract_instruction_vector(model, tiny_tokenizer(), task_rows(), IVConfig(**settings))
+    args = TKIConfig(**{**common(tmp_path, "stage2", max_steps=1), "kr": False, "lta": True,
+                        "ivg_tasks": str(data), "ivg_extraction": json.dumps(settings)})  # fmt: skip
+    trainer = TKITrainer(model, args=args, train_dataset=rows(), processing_class=tiny_tokenizer())
+    torch.testing.assert_close(guidance(trainer).instruction_vector.vectors, direct.vectors)
+    trainer.train()

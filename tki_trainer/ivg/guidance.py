@@ -30,6 +30,7 @@ from ..gradients import GradientEngine
 from ..hub import public_name
 from ..logits import log_probabilities, logits_at
 from ..objective import MicroBatch, TrainingObjective
+from ..tuner import bypass_bank
 from .config import IVConfig
 from .extraction import extract_instruction_vector
 from .intervention import check_intervention, intervene
@@ -80,7 +81,11 @@ class InstructionVectorGuidance(TrainingObjective):
         if isinstance(source, InstructionVector):
             self.instruction_vector = source
         else:  # extracted from the model before training, on the main process first; the others read its results
-            with args.main_process_first(desc="instruction vector"), before.active() if before else nullcontext():
+            with (
+                args.main_process_first(desc="instruction vector"),
+                before.active() if before else nullcontext(),
+                bypass_bank(model) if args.lta else nullcontext(),  # in-context prompts have no query to route by
+            ):
                 self.instruction_vector = extract_instruction_vector(
                     model,
                     trainer.processing_class,
