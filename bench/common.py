@@ -66,12 +66,15 @@ def write_results(name: str, payload: dict, table: str) -> None:
     as_json = json.dumps(
         payload, indent=2, default=lambda value: sorted(value) if isinstance(value, set) else str(value)
     )
-    (RESULTS / f"{name}.json").write_text(as_json + "\n")
     env = payload["environment"]
     versions = ", ".join(f"{k} {v}" for k, v in env["versions"].items())
-    (RESULTS / f"{name}.md").write_text(
-        f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n`{env['command']}`\n"
-    )
+    markdown = f"{table}\n\n{env['machine']['cpu']}, {env['machine']['torch_threads']} threads; {versions}.\n"
+    for path, text in (
+        (RESULTS / f"{name}.json", as_json + "\n"),
+        (RESULTS / f"{name}.md", f"{markdown}`{env['command']}`\n"),
+    ):
+        with staged_file(path) as staging:
+            staging.write_text(text)
 
 
 def training_arguments(output_dir: Path, **settings) -> dict:

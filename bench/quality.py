@@ -670,6 +670,8 @@ def literal_markdown(literal: dict, sizes: dict) -> list[str]:
             else "–"
             for t in NLL_SETS
         ]
+        counts = [len(values["sni_large"]), *(len(values[t]) for t in NLL_SETS)]
+        cells = [f"{cell} ({n} of {seeds} seeds)" if 0 < n < seeds else cell for cell, n in zip(cells, counts)]
         lines.append(f"| {METHODS[method].label} | {seeds} | " + " | ".join(cells) + " |")
     if literal["comparisons"]:
         lines += [

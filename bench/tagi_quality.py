@@ -23,6 +23,7 @@ Each finished piece (teachers, a hypernetwork, an evaluation) is saved at once (
 from __future__ import annotations
 
 import argparse
+import hashlib
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -205,14 +206,17 @@ class Bench:
         """Tokens read and seconds of greedy answers for one test task of 10 and of 100 examples: TAGI's seed-0
         model (its instruction encoded once, then the input alone) against the base model reading instruction +
         input. Both answer COST_ANSWER_TOKENS tokens per example; two interleaved rounds, the faster kept."""
-        path = RUNS / "inference_cost.json"
-        if read_record(path).get("settings") == as_json({"rows": COST_TASK_ROWS, "answer_tokens": COST_ANSWER_TOKENS}):
+        path, adapter = RUNS / "inference_cost.json", self.work_dir / "runs" / "tagi-s0"
+        digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
+        settings = as_json({"rows": COST_TASK_ROWS, "answer_tokens": COST_ANSWER_TOKENS, "adapter_sha256": digest})
+        if read_record(path).get("settings") == settings:
             return
-        task = max(set(self.data.eval["sni"]["task"]), key=list(self.data.eval["sni"]["task"]).count)
+        tasks = self.data.eval["sni"]["task"]
+        task = max(sorted(set(tasks)), key=tasks.count)  # the most frequent; ties go to the first name
         rows = instruction_rows(load_sni(SNI, [task], max_instances=max(COST_TASK_ROWS)), False)
         if len(rows) < max(COST_TASK_ROWS):
             raise SystemExit(f"tagi_quality.py: task {task} has {len(rows)} rows, fewer than {max(COST_TASK_ROWS)}.")
-        model, (base, _) = self.load(self.work_dir / "runs" / "tagi-s0"), load_embedded_model()
+        model, (base, _) = self.load(adapter), load_embedded_model()
         base.eval()
         result = {"task": task}
         for count in COST_TASK_ROWS:
@@ -236,8 +240,7 @@ class Bench:
                 "instruction in prompt": sum(len(self.tokenizer(p)["input_ids"]) for p in with_instruction["prompt"]),
             }
             result[str(count)] = {"seconds": {k: min(v) for k, v in times.items()}, "prompt_tokens": tokens}
-        write_record(path, {"settings": as_json({"rows": COST_TASK_ROWS, "answer_tokens": COST_ANSWER_TOKENS}),
-                            **result})  # fmt: skip
+        write_record(path, {"settings": settings, **result})
 
 
 def report() -> None:

@@ -143,7 +143,8 @@ def evaluate(trainer: TAGITrainer, test: Dataset, recipe: RecipeArguments, outpu
     per system and reused on a rerun."""
     model, tokenizer = trainer.accelerator.unwrap_model(trainer.model), trainer.processing_class
     budgets = answer_budgets(tokenizer, test["references"], test["category"])
-    with_instruction = test.map(lambda row: {"prompt": teacher_prompt(row["prompt"], row["instruction"])})
+    separator = trainer.args.teacher_separator
+    with_instruction = test.map(lambda row: {"prompt": teacher_prompt(row["prompt"], row["instruction"], separator)})
     answers = {}
     for name, rows, adapters_off in (("tagi", test, False), ("base, instruction in prompt", with_instruction, True)):
         path = output_dir / f"predictions_{re.sub(r'[^a-z]+', '_', name).strip('_')}.jsonl"
@@ -195,17 +196,10 @@ def main(argv: list[str] | None = None) -> dict:
         )
     }  # fmt: skip
     rouge = side_by_side(results, metric="rougeL", group="category")
-    (output_dir / "metrics.json").write_text(
-        json.dumps(
-            {
-                "metrics": results,
-                "prompt_tokens": prompt_tokens,
-                "preset": recipe.preset,
-                "seconds": time.time() - start,
-            },
-            indent=2,
-        )  # fmt: skip
-    )
+    metrics = {"metrics": results, "prompt_tokens": prompt_tokens, "preset": recipe.preset,
+               "seconds": time.time() - start}  # fmt: skip
+    with staged_file(output_dir / "metrics.json") as staging:
+        staging.write_text(json.dumps(metrics, indent=2))
     trainer.create_model_card(dataset_name=recipe.train_data)
     print(f"\nadapter, teachers, predictions and metrics: {output_dir}")
     print(f"\nROUGE-L on {len(test)} prompts of unseen tasks:\n{rouge}\n\nprompt tokens: {prompt_tokens}")
