@@ -11,8 +11,9 @@ category of the train rows, trained by `SFTTrainer` with the instruction in the 
 (`TAGITrainer`, the student reading the input alone; TAGI_PRESETS["embedded"]'s rate, the quality benchmark's epochs
 and batch); then greedy answers of the unseen tasks, each row through its task's generated adapter. Ablations (seed 0
 unless asked): without the KL term, without parameter matching. The inference cost compares, on one test task of 10
-and of 100 examples, the tokens each model reads and the measured time of greedy answers: TAGI (the instruction
-encoded once, the input alone) against the base model reading instruction + input.
+and of 100 examples (its instances repeated: the slice holds 10 per test task), the tokens each model reads and the
+measured time of greedy answers: TAGI (the instruction encoded once, the input alone) against the base model reading
+instruction + input.
 
     MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=68719476736 python bench/tagi_quality.py [--runs tagi-s0 ...]
 
@@ -54,6 +55,8 @@ DEMONSTRATIONS = "\n\nPositive Example 1 -"
 """Where the demonstrations start in an SNI instruction (`sni_prompt`): the definition alone is what comes before."""
 COMPARED_WITH = ("base", "sft", "tki", "tki_literal")
 """Rows of the quality benchmark (instruction + input in the prompt) each TAGI row is compared with."""
+INPUT_ALONE = "base_input_alone"
+"""The base model reading the input alone, untrained like ``base``: one row for every seed."""
 COST_TASK_ROWS = (10, 100)
 COST_ANSWER_TOKENS = 16
 
@@ -192,6 +195,18 @@ class Bench:
                                                     "seconds": time.time() - started}  # fmt: skip
             write_record(path, record)
 
+    def input_alone(self) -> None:
+        """The base model reading the input alone (what TAGI reads, without a generated adapter): what the adapter
+        adds, beside what the instruction in the prompt adds."""
+        path = RUNS / f"{INPUT_ALONE}.json"
+        if "sni" in read_record(path).get("eval", {}):
+            return
+        print("== evaluating the base model on the input alone", flush=True)
+        model, _ = load_embedded_model()
+        started = time.time()
+        result = evaluate(model.eval(), self.tokenizer, self.test_rows(False), "category")
+        write_record(path, {"eval": {"sni": {**result, "seconds": time.time() - started}}})
+
     def load(self, adapter: Path) -> PeftModel:
         model, _ = load_embedded_model()
         return PeftModel.from_pretrained(model, str(adapter)).eval()
@@ -213,12 +228,13 @@ class Bench:
             return
         tasks = self.data.eval["sni"]["task"]
         task = max(sorted(set(tasks)), key=tasks.count)  # the most frequent; ties go to the first name
-        rows = instruction_rows(load_sni(SNI, [task], max_instances=max(COST_TASK_ROWS)), False)
-        if len(rows) < max(COST_TASK_ROWS):
-            raise SystemExit(f"tagi_quality.py: task {task} has {len(rows)} rows, fewer than {max(COST_TASK_ROWS)}.")
+        instances = instruction_rows(load_sni(SNI, [task], max_instances=max(COST_TASK_ROWS)), False)
+        # The slice holds at most 10 instances per test task: a larger task repeats them (the cost of answering
+        # depends on the inputs' lengths, not on which inputs they are).
+        rows = instances.select([i % len(instances) for i in range(max(COST_TASK_ROWS))])
         model, (base, _) = self.load(adapter), load_embedded_model()
         base.eval()
-        result = {"task": task}
+        result = {"task": task, "distinct_instances": len(instances)}
         for count in COST_TASK_ROWS:
             subset = rows.select(range(count))
             with_instruction = subset.map(lambda row: {"prompt": teacher_prompt(row["prompt"], row["instruction"])})
@@ -252,11 +268,13 @@ def report() -> None:
             variant, seed = name.rsplit("-s", 1)
             found.setdefault(variant, {})[int(seed)] = record["eval"]["sni"]
     others = {method: quality.rows_of(quality_runs, method, "sni") for method in COMPARED_WITH}
+    input_alone = read_record(RUNS / f"{INPUT_ALONE}.json").get("eval", {})
+    others[INPUT_ALONE] = {0: input_alone["sni"]} if "sni" in input_alone else {}
     rows = {
         VARIANTS[variant].label: {"seeds": sorted(by_seed), "rougeL": [r["all"]["rougeL"] for r in by_seed.values()]}
         for variant, by_seed in found.items()
     } | {
-        f"{method} (instruction + input, quality benchmark)": {
+        (f"{method} (instruction + input, quality benchmark)" if method != INPUT_ALONE else "base (input alone)"): {
             "seeds": sorted(by_seed),
             "rougeL": [r["all"]["rougeL"] for r in by_seed.values()],
         }
@@ -267,20 +285,25 @@ def report() -> None:
     for variant, by_seed in found.items():
         against = dict(others) | ({"tagi": found["tagi"]} if variant != "tagi" and "tagi" in found else {})
         for method, other in against.items():
-            seeds = sorted(set(by_seed) & set(other)) if method != "base" else sorted(by_seed)
+            untrained = method in ("base", INPUT_ALONE)  # one row for every seed
+            seeds = sorted(by_seed) if untrained else sorted(set(by_seed) & set(other))
             if not seeds or not other:
                 continue
-            if any(by_seed[s]["ids"] != other[0 if method == "base" else s]["ids"] for s in seeds):
+            if any(by_seed[s]["ids"] != other[0 if untrained else s]["ids"] for s in seeds):
                 raise ValueError(f"{variant} and {method} were scored on other SNI prompts: rerun with the same data.")
             first = np.array([by_seed[s]["per_example"]["rougeL"] for s in seeds])
-            second = np.array(
-                [other[0 if method == "base" else s]["per_example"]["rougeL"] for s in seeds]
-            )  # the base model is one row for every seed
+            second = np.array([other[0 if untrained else s]["per_example"]["rougeL"] for s in seeds])
             result = paired_bootstrap(first, second, paired_seeds=True).to_dict()
             comparisons.append({"a": variant, "b": method, "seeds": seeds, **result})
     cost = read_record(RUNS / "inference_cost.json")
     payload = {"settings": SETTINGS, "rows": rows, "comparisons": comparisons, "inference_cost": cost}
     write_results("tagi_quality", payload, markdown(rows, comparisons, cost))
+
+
+def winner(comparison: dict) -> str:
+    """The verdict naming the row: "sft better", or "unresolved"."""
+    side = {"a better": "a", "b better": "b"}.get(comparison["verdict"])
+    return f"{comparison[side]} better" if side else comparison["verdict"]
 
 
 def markdown(rows: dict, comparisons: list[dict], cost: dict) -> str:
@@ -306,14 +329,15 @@ def markdown(rows: dict, comparisons: list[dict], cost: dict) -> str:
     for c in comparisons:
         lines.append(
             f"| {c['a']} − {c['b']} | {c['difference']:+.2f} | [{c['low']:+.2f}, {c['high']:+.2f}] | "
-            f"{c['detectable']:.2f} | {', '.join(map(str, c['seeds']))} | {c['verdict']} |"
+            f"{c['detectable']:.2f} | {', '.join(map(str, c['seeds']))} | {winner(c)} |"
         )
     if cost:
         lines += [
             "",
             f"Inference cost on task `{cost['task']}` (greedy answers of at most {COST_ANSWER_TOKENS} tokens, stopped "
             "at end-of-sequence, batch 8; prompt tokens: the model's, plus for TAGI the encoder's tokens of the "
-            "instruction, read once): TAGI / instruction in prompt.",
+            f"instruction, read once; the slice holds {cost.get('distinct_instances', '')} instances of the task, "
+            "repeated to make the larger task): TAGI / instruction in prompt.",
             "",
             "| examples | prompt tokens | seconds |",
             "|---|---|---|",
@@ -337,6 +361,7 @@ def main() -> None:
     args = parser.parse_args()
     if not args.report:
         bench = Bench(Path(args.work_dir))
+        bench.input_alone()
         for run in args.runs:
             bench.ensure(run)
         if (Path(args.work_dir) / "runs" / "tagi-s0").is_dir():
