@@ -145,12 +145,11 @@ def run(work_dir: Path) -> None:
     iv = extract_instruction_vector(model, tokenizer, extraction, IV_CONFIG, output_dir=work_dir / "iv")
     RUNS.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    digest = hashlib.sha256(iv.vectors.float().numpy().tobytes() + json.dumps([iv.layer, iv.heads]).encode())
     for task, rows in tasks.items():
         path = RUNS / f"{task.replace('/', '--')}.json"
         record = read_record(path)
-        if record.get("vector_sha256") != digest.hexdigest():  # measured with another vector: measure again
-            record = {"vector_sha256": digest.hexdigest()}
+        if record.get("vector_sha256") != vector_digest(iv):  # measured with another vector: measure again
+            record = {"vector_sha256": vector_digest(iv)}
         if task not in iv.tasks:
             write_record(path, {"task": task, "left_out": True})
             continue
@@ -175,6 +174,11 @@ def run(work_dir: Path) -> None:
             print(f"== {task}: {condition}: {right.float().mean():.3f}", flush=True)
 
 
+def vector_digest(iv: InstructionVector) -> str:
+    """What identifies the vectors a record was measured with (their values, layer and heads)."""
+    return hashlib.sha256(iv.vectors.float().numpy().tobytes() + json.dumps([iv.layer, iv.heads]).encode()).hexdigest()
+
+
 def head_effects(work_dir: Path, iv: InstructionVector) -> list[dict]:
     """The chosen heads' causal effects: mean over every task's effect prompts, with a bootstrap 95% interval."""
     effects = []
@@ -195,7 +199,9 @@ def head_effects(work_dir: Path, iv: InstructionVector) -> list[dict]:
 def report(work_dir: Path) -> None:
     iv = InstructionVector.load(work_dir / "iv")
     records = [read_record(path) for path in sorted(RUNS.glob("*.json"))]
-    records = [r for r in records if len(r.get("correct", {})) == len(CONDITIONS)]
+    records = [
+        r for r in records if len(r.get("correct", {})) == len(CONDITIONS) and r["vector_sha256"] == vector_digest(iv)
+    ]
     accuracy = {r["task"]: {c: 100 * float(np.mean(v)) for c, v in r["correct"].items()} for r in records}
     norms = {r["task"]: {"vector": r["vector_norm"], "hidden": r.get("hidden_norm", float("nan"))} for r in records}
     comparisons = []

@@ -198,14 +198,15 @@ class Bench:
     def input_alone(self) -> None:
         """The base model reading the input alone (what TAGI reads, without a generated adapter): what the adapter
         adds, beside what the instruction in the prompt adds."""
-        path = RUNS / f"{INPUT_ALONE}.json"
-        if "sni" in read_record(path).get("eval", {}):
+        path, config = RUNS / f"{INPUT_ALONE}.json", as_json({"settings": quality.SETTINGS})
+        record = read_record(path)
+        if "sni" in record.get("eval", {}) and record.get("config") == config:
             return
         print("== evaluating the base model on the input alone", flush=True)
         model, _ = load_embedded_model()
         started = time.time()
         result = evaluate(model.eval(), self.tokenizer, self.test_rows(False), "category")
-        write_record(path, {"eval": {"sni": {**result, "seconds": time.time() - started}}})
+        write_record(path, {"config": config, "eval": {"sni": {**result, "seconds": time.time() - started}}})
 
     def load(self, adapter: Path) -> PeftModel:
         model, _ = load_embedded_model()

@@ -320,6 +320,9 @@ def test_train_teachers_trains_each_teachers_rows_as_sft_trainer_does_and_keeps_
     other_rows = data.map(lambda row: {"completion": row["completion"] + "!"})
     with pytest.raises(ValueError, match="trained with other rows than asked now"):
         train_teachers(refuse, other_rows, args, config, tmp_path / "teachers", tokenizer)
+    dora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True)
+    with pytest.raises(ValueError, match="uses \\['use_dora'\\]: a teacher is a plain LoRA"):
+        train_teachers(refuse, data, args, dora, tmp_path / "other", tokenizer)
     for names in ({"a": "a", "b": "A"}, {"a": "?", "b": "?"}):  # "a" and "A" share a directory, "?" has none
         renamed = data.map(lambda row, names=names: {"teacher": names[row["teacher"]]})
         with pytest.raises(ValueError, match="one directory each"):

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -14,7 +15,6 @@ from typing import Any
 
 import torch
 from datasets import Dataset
-from datasets.fingerprint import Hasher
 from peft import LoraConfig, PeftConfig
 from peft.utils import load_peft_weights
 from tqdm.auto import tqdm
@@ -30,10 +30,12 @@ TRAINING_RECORD = "teacher_training.json"
 """Saved beside each adapter `train_teachers` trains: what the teacher was trained on and with."""
 TRAINING_FIELDS = (
     "learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "gradient_accumulation_steps",
-    "seed", "data_seed", "max_length", "lr_scheduler_type", "warmup_ratio", "warmup_steps", "weight_decay", "optim",
-    "bf16", "fp16", "completion_only_loss", "assistant_only_loss", "packing",
+    "world_size", "seed", "data_seed", "max_length", "truncation_mode", "lr_scheduler_type", "lr_scheduler_kwargs",
+    "warmup_steps", "weight_decay", "max_grad_norm", "optim", "optim_args", "adam_beta1", "adam_beta2",
+    "adam_epsilon", "label_smoothing_factor", "neftune_noise_alpha", "loss_type", "bf16", "fp16",
+    "completion_only_loss", "assistant_only_loss", "packing", "padding_free", "model_init_kwargs",
 )  # fmt: skip
-"""The `SFTConfig` fields a teacher's weights depend on (logging, saving and reporting fields do not count)."""
+"""What of `SFTConfig` a teacher's weights depend on (logging, saving, reporting and the device do not count)."""
 LORA_FIELDS = (
     "r", "lora_alpha", "target_modules", "exclude_modules", "layers_to_transform", "lora_dropout", "use_rslora",
     "use_dora", "bias", "init_lora_weights", "rank_pattern", "alpha_pattern", "modules_to_save",
@@ -63,6 +65,9 @@ def train_teachers(
     missing = [column for column in ("teacher", instruction_column) if column not in dataset.column_names]
     if missing:
         raise ValueError(f"train_teachers needs rows with a 'teacher' and an instruction column; missing {missing}.")
+    check_plain_lora(peft_config, "train_teachers' peft_config")
+    if any(not isinstance(name, str) for name in dataset["teacher"]):
+        raise ValueError("Some rows' 'teacher' is not a string: name every row's teacher (its task category).")
     names = sorted(set(dataset["teacher"]))
     slugs = {name: re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_") for name in names}
     if len(set(slugs.values())) < len(names) or not all(slugs.values()):
@@ -75,7 +80,7 @@ def train_teachers(
         rows = dataset.filter(lambda teacher, name=name: teacher == name, input_columns="teacher")
         rows = teacher_rows(rows, instruction_column, separator).select_columns(["prompt", "completion"])
         record = {
-            "rows": Hasher.hash(rows.to_dict()),
+            "rows": hashlib.sha256(json.dumps(rows.to_dict(), sort_keys=True).encode()).hexdigest(),
             "lora": {field: getattr(peft_config, field, None) for field in LORA_FIELDS},
             "training": {field: getattr(args, field, None) for field in TRAINING_FIELDS},
         }
@@ -93,8 +98,8 @@ def _saved_as(path: Path, name: str, record: dict) -> bool:
         return False
     if not (path / TRAINING_RECORD).is_file():
         raise ValueError(
-            f"Teacher {name!r} in {path} has no {TRAINING_RECORD} (train_teachers did not save it): delete that "
-            "directory to train it here, or give train_teachers another output_dir."
+            f"Teacher {name!r} in {path} has no {TRAINING_RECORD} (an adapter saved otherwise, or a save that was "
+            "interrupted): delete that directory to train it here, or give train_teachers another output_dir."
         )
     saved = json.loads((path / TRAINING_RECORD).read_text())
     changed = sorted(key for key in record if saved.get(key) != _as_json(record[key]))
@@ -182,10 +187,10 @@ class TeacherLoras:
         return self
 
 
-def _read(name: str, path: str) -> dict[str, Factors]:
-    config = PeftConfig.from_pretrained(path)
+def check_plain_lora(config: PeftConfig, what: str) -> None:
+    """Refuse, naming the fix, a config whose update the hypernetwork cannot learn to generate."""
     if not isinstance(config, LoraConfig):
-        raise ValueError(f"Teacher {name!r} at {path} is a {config.peft_type} adapter: a teacher is a PEFT LoRA.")
+        raise ValueError(f"{what} is a {config.peft_type} adapter: a teacher is a PEFT LoRA.")
     unsupported = {
         "use_dora": config.use_dora,
         "rank_pattern": config.rank_pattern,
@@ -196,9 +201,14 @@ def _read(name: str, path: str) -> dict[str, Factors]:
     used = [key for key, value in unsupported.items() if value]
     if used:
         raise ValueError(
-            f"Teacher {name!r} at {path} uses {used}: a teacher is a plain LoRA (one rank and alpha, no DoRA, bias "
-            "or modules_to_save), the update the hypernetwork learns to generate. Retrain it without them."
+            f"{what} uses {used}: a teacher is a plain LoRA (one rank and alpha, no DoRA, bias or modules_to_save), "
+            "the update the hypernetwork learns to generate. Train it without them."
         )
+
+
+def _read(name: str, path: str) -> dict[str, Factors]:
+    config = PeftConfig.from_pretrained(path)
+    check_plain_lora(config, f"Teacher {name!r} at {path}")
     scaling = config.lora_alpha / (config.r**0.5 if config.use_rslora else config.r)
     weights = load_peft_weights(path, device="cpu")
     factors = {}

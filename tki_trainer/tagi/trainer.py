@@ -182,7 +182,7 @@ class TAGITrainer(SFTTrainer):
     def _matching(self, model: torch.nn.Module, embeddings: torch.Tensor, teachers: torch.Tensor) -> torch.Tensor:
         """Each row's task's squared distance of the generated update from its teacher's, [rows]: one hypernetwork
         call for the micro-batch's distinct tasks. Gated and averaged over rows, the term counts each row once, so
-        it splits over micro-batches and processes as one batch does (a mean over tasks would not)."""
+        it splits over equal micro-batches and processes as one batch does (a mean over tasks would not)."""
         tasks, task_of_row = torch.unique(embeddings, dim=0, return_inverse=True)
         teacher_of_task = torch.empty(len(tasks), dtype=teachers.dtype, device=teachers.device)
         teacher_of_task.scatter_(0, task_of_row, teachers)  # one teacher per instruction (checked on the rows)
