@@ -145,11 +145,12 @@ def run(work_dir: Path) -> None:
     iv = extract_instruction_vector(model, tokenizer, extraction, IV_CONFIG, output_dir=work_dir / "iv")
     RUNS.mkdir(parents=True, exist_ok=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    digest = vector_digest(iv)
     for task, rows in tasks.items():
         path = RUNS / f"{task.replace('/', '--')}.json"
         record = read_record(path)
-        if record.get("vector_sha256") != vector_digest(iv):  # measured with another vector: measure again
-            record = {"vector_sha256": vector_digest(iv)}
+        if record.get("vector_sha256") != digest:  # measured with another vector: measure again
+            record = {"vector_sha256": digest}
         if task not in iv.tasks:
             write_record(path, {"task": task, "left_out": True})
             continue

@@ -8,10 +8,10 @@
 
 Stages, each resumed from what an earlier run left in ``output_dir``: (1) one LoRA teacher per top-level SNI task
 category of the train tasks, trained by `SFTTrainer` on the rows with the instruction in the prompt
-(``teachers/<category>``; a teacher saved with other rows or settings is refused); (2) the hypernetwork, trained by `TAGITrainer` with the student reading the input alone
-(checkpoints in ``output_dir``); (3) greedy answers on the test tasks (unseen): the generated adapters reading the
-input alone, beside the base model reading instruction + input (predictions saved per system). Every `TAGIConfig`
-field is a flag; ``resolved_config.json`` records each value and its origin (TAGI's paper or code, our choice, you).
+(``teachers/<category>``; a teacher saved with other rows or settings is refused); (2) the hypernetwork, trained
+by `TAGITrainer` with the student reading the input alone (checkpoints in ``output_dir``); (3) greedy answers on
+the test tasks (unseen): the generated adapters reading the input alone, beside the base model reading
+instruction + input (predictions saved per system). Every `TAGIConfig` field is a flag; ``resolved_config.json`` records each value and its origin (TAGI's paper or code, our choice, you).
 """
 
 from __future__ import annotations
