@@ -218,13 +218,21 @@ class Bench:
             rows, self.encoder, column="instruction_embedding", text_of=lambda row: row["instruction"]
         )
 
-    def inference_cost(self) -> None:
-        """Tokens read and seconds of greedy answers for one test task of 10 and of 100 examples: TAGI's seed-0
-        model (its instruction encoded once, then the input alone) against the base model reading instruction +
-        input. Both answer COST_ANSWER_TOKENS tokens per example; two interleaved rounds, the faster kept."""
-        path, adapter = RUNS / "inference_cost.json", self.work_dir / "runs" / "tagi-s0"
+    def inference_cost(self, adapter: Path) -> None:
+        """Tokens read and seconds of greedy answers for one test task of 10 and of 100 examples: a TAGI model
+        (its instruction encoded once, then the input alone; the cost does not depend on which seed's weights)
+        against the base model reading instruction + input. Both answer COST_ANSWER_TOKENS tokens per example; two
+        interleaved rounds, the faster kept."""
+        path = RUNS / "inference_cost.json"
         digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
-        settings = as_json({"rows": COST_TASK_ROWS, "answer_tokens": COST_ANSWER_TOKENS, "adapter_sha256": digest})
+        settings = as_json(
+            {
+                "rows": COST_TASK_ROWS,
+                "answer_tokens": COST_ANSWER_TOKENS,
+                "run": adapter.name,
+                "adapter_sha256": digest,
+            }
+        )
         if read_record(path).get("settings") == settings:
             return
         tasks = self.data.eval["sni"]["task"]
@@ -338,7 +346,8 @@ def markdown(rows: dict, comparisons: list[dict], cost: dict) -> str:
             f"Inference cost on task `{cost['task']}` (greedy answers of at most {COST_ANSWER_TOKENS} tokens, stopped "
             "at end-of-sequence, batch 8; prompt tokens: the model's, plus for TAGI the encoder's tokens of the "
             f"instruction, read once; the slice holds {cost.get('distinct_instances', '')} instances of the task, "
-            "repeated to make the larger task): TAGI / instruction in prompt.",
+            f"repeated to make the larger task): TAGI ({cost['settings'].get('run', 'tagi-s0')}) / instruction in "
+            "prompt.",
             "",
             "| examples | prompt tokens | seconds |",
             "|---|---|---|",
@@ -365,8 +374,9 @@ def main() -> None:
         bench.input_alone()
         for run in args.runs:
             bench.ensure(run)
-        if (Path(args.work_dir) / "runs" / "tagi-s0").is_dir():
-            bench.inference_cost()
+        trained = [Path(args.work_dir) / "runs" / f"tagi-s{seed}" for seed in SEEDS]
+        if any(adapter.is_dir() for adapter in trained):
+            bench.inference_cost(next(adapter for adapter in trained if adapter.is_dir()))
     report()
 
 
