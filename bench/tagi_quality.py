@@ -220,8 +220,8 @@ class Bench:
 
     def inference_cost(self, adapter: Path) -> None:
         """Tokens read and seconds of greedy answers for one test task of 10 and of 100 examples: a TAGI model
-        (its instruction encoded once, then the input alone; the cost does not depend on which seed's weights)
-        against the base model reading instruction + input. Both answer COST_ANSWER_TOKENS tokens per example; two
+        (its instruction encoded once, then the input alone; its seed changes the time only through where answers
+        stop) against the base model reading instruction + input. Both answer COST_ANSWER_TOKENS tokens per example; two
         interleaved rounds, the faster kept."""
         path = RUNS / "inference_cost.json"
         digest = hashlib.sha256((adapter / "adapter_model.safetensors").read_bytes()).hexdigest()
@@ -346,7 +346,7 @@ def markdown(rows: dict, comparisons: list[dict], cost: dict) -> str:
             f"Inference cost on task `{cost['task']}` (greedy answers of at most {COST_ANSWER_TOKENS} tokens, stopped "
             "at end-of-sequence, batch 8; prompt tokens: the model's, plus for TAGI the encoder's tokens of the "
             f"instruction, read once; the slice holds {cost.get('distinct_instances', '')} instances of the task, "
-            f"repeated to make the larger task): TAGI ({cost['settings'].get('run', 'tagi-s0')}) / instruction in "
+            f"repeated to make the larger task): TAGI ({cost['settings']['run']}) / instruction in "
             "prompt.",
             "",
             "| examples | prompt tokens | seconds |",
@@ -374,9 +374,10 @@ def main() -> None:
         bench.input_alone()
         for run in args.runs:
             bench.ensure(run)
-        trained = [Path(args.work_dir) / "runs" / f"tagi-s{seed}" for seed in SEEDS]
-        if any(adapter.is_dir() for adapter in trained):
-            bench.inference_cost(next(adapter for adapter in trained if adapter.is_dir()))
+        runs = (Path(args.work_dir) / "runs" / f"tagi-s{seed}" for seed in SEEDS)
+        trained = next((adapter for adapter in runs if adapter.is_dir()), None)
+        if trained is not None:
+            bench.inference_cost(trained)
     report()
 
 
